@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import struct
 import uuid as uuid_module
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -133,6 +134,7 @@ _OFFSET_MASK: Final = np.uint64((1 << OFFSET_BITS) - 1)
 _LENGTH_MASK: Final = np.uint64((1 << LENGTH_BITS) - 1)
 _MOFFSET_MASK: Final = np.uint64((1 << MOFFSET_BITS) - 1)
 _U64 = np.dtype("<u8")
+_SORT_PROBES_ABOVE: Final = 4096
 
 _HEADER = struct.Struct("<8s16sIIQQQ37s37sHBB256s")
 assert _HEADER.size == HEADER_STRUCT_SIZE
@@ -463,27 +465,55 @@ class SegmentIndex:
         """For each sector, the position of the entry that covers it, or -1 (batched).
 
         One `searchsorted` over the keys, then a bound check on the found entries only.
+        Unsorted probes are sorted first: numpy's search reuses the last position as a hint,
+        so sorted probes run about ten times faster than random ones, which pays for the sort.
         """
         sectors = np.atleast_1d(np.asarray(sectors, _U64))
+        order = None
+        if len(sectors) > _SORT_PROBES_ABOVE and (np.diff(sectors).view(np.int64) < 0).any():
+            order = np.argsort(sectors, kind="stable")
+            sectors = sectors[order]
+
         probe = (sectors << np.uint64(LENGTH_BITS)) | _LENGTH_MASK
         position = np.searchsorted(self.keys, probe, side="right").astype(np.int64) - 1
         found = position >= 0
         clipped = np.where(found, position, 0)
         key = self.keys[clipped] if len(self) else np.zeros_like(sectors)
         end = (key >> np.uint64(LENGTH_BITS)) + (key & _LENGTH_MASK)
-        covered = found & (sectors < end)
-        return np.where(covered, position, -1)
+        result = np.where(found & (sectors < end), position, -1)
+
+        if order is not None:
+            unsorted = np.empty_like(result)
+            unsorted[order] = result
+            result = unsorted
+        return result
 
     def span(self, offset: int, length: int) -> tuple[int, int]:
-        """Positions [first, stop) of the entries that overlap sectors [offset, offset+length)."""
-        keys = self.keys
-        first = int(np.searchsorted(keys, (offset << LENGTH_BITS) | MAX_SEGMENT_LENGTH, "right"))
+        """Positions [first, stop) of the entries that overlap sectors [offset, offset+length).
+
+        The scalar path of a read: `bisect` over a memoryview of the keys costs about 0.5 us,
+        a numpy `searchsorted` on one value about 4 us, and neither copies the index.
+        """
+        keys = self._key_view
+        first = bisect_right(keys, (offset << LENGTH_BITS) | MAX_SEGMENT_LENGTH)
         if first > 0:
-            key = int(keys[first - 1])
+            key = keys[first - 1]
             if (key >> LENGTH_BITS) + (key & MAX_SEGMENT_LENGTH) > offset:
                 first -= 1
-        stop = int(np.searchsorted(keys, (offset + length) << LENGTH_BITS, "left"))
+        stop = bisect_left(keys, (offset + length) << LENGTH_BITS, first)
         return first, max(first, stop)
+
+    @property
+    def _key_view(self) -> memoryview:
+        """The keys as a memoryview of Python ints, made once (the index is immutable)."""
+        view = self.__dict__.get("_keys_memoryview")
+        if view is None:
+            keys = self.keys
+            if keys.dtype != np.dtype("=u8") or not keys.flags.c_contiguous:
+                keys = np.ascontiguousarray(keys, np.dtype("=u8"))
+            view = memoryview(keys).cast("B").cast("Q")
+            self.__dict__["_keys_memoryview"] = view
+        return view
 
     def slice(self, first: int, stop: int) -> SegmentIndex:
         return SegmentIndex(self.keys[first:stop], self.mappings[first:stop])
