@@ -1,0 +1,406 @@
+"""`workbench bench formats`: how fast the formats are, as ratios measured in one run.
+
+Every figure is printed next to a baseline measured in the same run on the same data (or, for
+OverlayBD's C++ reader, next to the figures measured on these machines and quoted in the
+issue that set the targets), so that a slower or faster machine does not change the verdict.
+
+Sections:
+- lookups: merged-index lookups per second, one at a time and batched, on 1k..1M segments,
+  against the DADI paper's C figure (more than 6M lookups/s per core);
+- zfile read: sequential read throughput through `ZFileReader` as a ratio of decompressing the
+  same blocks with the bare codec (target >= 0.85), and against OverlayBD's C++ reader;
+- zfile size: ZFile lz4/zstd on a realistic ext4 image next to whole-file lz4 and zstd;
+- tracing off: the read path with its tracing hooks against a copy of it without them
+  (target <= 3%).
+
+Caveats:
+- the ext4 image is made with `mkfs.ext4 -d` from directories of this machine (/usr), so
+  its content, and with it the compression figures, differs a little from machine to machine;
+- timings take the best of several repetitions, which measures the code, not the noise of a
+  shared machine; the read figures are warm-cache (the page cache holds the ZFile).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import lz4.block
+import lz4.frame
+import numpy as np
+import zstandard
+
+from workbench.blobs import LocalFile
+from workbench.formats import zfile as zfile_module
+from workbench.formats.lsmt import SegmentIndex
+from workbench.formats.zfile import ZFileReader, ZFileWriter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FormatsBenchmark", "Table", "run"]
+
+PAPER_LOOKUPS_PER_SECOND = 6_000_000
+"""DADI paper: the merged index answers more than 6M lookups per second per core (C++)."""
+
+# OverlayBD's own C++ reader on these machines, single thread, warm cache, 512 MiB ext4 image
+# (MB/s, low and high end of the measured range).
+OVERLAYBD_READ_MBPS = {
+    ("lz4", 4096): (650, 730),
+    ("zstd", 4096): (106, 106),
+    ("lz4", 32768): (790, 900),
+    ("zstd", 32768): (350, 390),
+}
+
+READ_CHUNK = 1 << 20
+"""Sequential reads go through the ZFile in 1 MiB requests."""
+
+MB = 1_000_000
+
+
+@dataclass
+class Table:
+    """One section of the report: a title, column names, rows, and notes below."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        cells = [self.columns] + [[_format_cell(value) for value in row] for row in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
+        lines = [self.title, "-" * len(self.title)]
+        for number, row in enumerate(cells):
+            padded = (cell.rjust(width) for cell, width in zip(row, widths, strict=True))
+            lines.append("  ".join(padded))
+            if number == 0:
+                lines.append("  ".join("-" * width for width in widths))
+        lines.extend(f"  {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows}
+
+
+def _format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def best_of(repeats: int, work: Callable[[], object]) -> float:
+    """The shortest wall time of `repeats` runs of `work`, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookups
+
+
+def random_index(segments: int, rng: np.random.Generator) -> SegmentIndex:
+    """A sorted, non-overlapping index of `segments` entries with gaps between them."""
+    length = rng.integers(1, 256, segments, dtype=np.uint64)
+    gap = rng.integers(0, 256, segments, dtype=np.uint64)
+    offset = np.cumsum(length + gap) - length
+    moffset = np.cumsum(length) - length + np.uint64(8)
+    return SegmentIndex.from_fields(offset, length, moffset)
+
+
+def bench_lookups(sizes: list[int], repeats: int) -> Table:
+    table = Table(
+        "Merged-index lookups (sector -> segment)",
+        ["segments", "single/s", "batched/s", "batched vs paper (6M/s)"],
+    )
+    rng = np.random.default_rng(1)
+    for segments in sizes:
+        index = random_index(segments, rng)
+        end = int(index.end[-1])
+        probes = rng.integers(0, end, 1_000_000, dtype=np.uint64)
+        singles = [int(p) for p in probes[:20_000]]
+
+        def one_at_a_time(index: SegmentIndex = index, singles: list[int] = singles) -> None:
+            for sector in singles:
+                index.span(sector, 1)
+
+        single_s = best_of(repeats, one_at_a_time)
+        batched_s = best_of(repeats, lambda index=index, probes=probes: index.find(probes))
+        batched_rate = len(probes) / batched_s
+        table.rows.append(
+            [
+                segments,
+                len(singles) / single_s,
+                batched_rate,
+                f"{batched_rate / PAPER_LOOKUPS_PER_SECOND:.2f}x",
+            ]
+        )
+    table.notes.append(
+        "single = one `span()` call per sector (what a read does); batched = one `find()` "
+        "over 1M random sectors"
+    )
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# A realistic ext4 image
+
+
+def make_ext4_image(path: Path, size: int, sources: list[str]) -> None:
+    """An ext4 image of `size` bytes filled from `sources` (directories) with mkfs.ext4 -d.
+
+    The directories are copied into a staging folder until about 60% of the image is used,
+    as a container root file system would be.
+    """
+    mkfs = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
+    if not os.path.exists(mkfs):
+        raise RuntimeError("mkfs.ext4 is missing; install Debian's e2fsprogs")
+
+    budget = int(size * 0.6)
+    with tempfile.TemporaryDirectory(prefix="wb-ext4-") as staging:
+        used = 0
+        for source in sources:
+            for root, _dirs, files in os.walk(source):
+                for name in files:
+                    src = os.path.join(root, name)
+                    if not os.path.isfile(src) or os.path.islink(src):
+                        continue
+                    file_size = os.path.getsize(src)
+                    if used + file_size > budget:
+                        continue
+                    dst = os.path.join(staging, os.path.relpath(src, "/"))
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    try:
+                        shutil.copyfile(src, dst)
+                    except OSError:
+                        continue
+                    used += file_size
+        with open(path, "wb") as image:
+            image.truncate(size)
+        subprocess.run(
+            [mkfs, "-q", "-F", "-O", "^has_journal", "-d", staging, str(path)],
+            check=True,
+            capture_output=True,
+        )
+    log.info("made a %d MiB ext4 image with %d MiB of files", size >> 20, used >> 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# ZFile read and size
+
+
+def compress_to(path: Path, image: bytes, algorithm: str, block_size: int) -> float:
+    """Write `image` as a ZFile at `path`; returns the compression time in seconds."""
+    start = time.perf_counter()
+    with open(path, "wb") as out:
+        writer = ZFileWriter(out, algorithm=algorithm, block_size=block_size, verify=True)
+        view = memoryview(image)
+        for offset in range(0, len(image), READ_CHUNK):
+            writer.write(view[offset : offset + READ_CHUNK])
+        writer.close()
+    return time.perf_counter() - start
+
+
+def stored_blocks(path: Path) -> tuple[list[bytes], int]:
+    """The compressed payload of every block of a ZFile (CRC stripped), and the block size."""
+    with LocalFile(path) as source:
+        reader = ZFileReader(source)
+        data = source.pread(0, source.size)
+        starts = reader.block_offsets()
+        crc = 4 if reader.verify else 0
+        blocks = [data[int(start) : int(end) - crc] for start, end in pairwise(starts)]
+        return blocks, reader.block_size
+
+
+def decompress_all(blocks: list[bytes], algorithm: str, block_size: int) -> None:
+    """The baseline: the bare codec over every block, in the tightest loop Python allows."""
+    if algorithm == "lz4":
+        decompress = lz4.block.decompress
+        for block in blocks:
+            decompress(block, block_size)
+    else:
+        decompress = zstandard.ZstdDecompressor().decompress
+        for block in blocks:
+            decompress(block)
+
+
+def read_sequentially(reader: Any, size: int) -> None:
+    for offset in range(0, size, READ_CHUNK):
+        reader.pread(offset, READ_CHUNK)
+
+
+def bench_zfile(image_path: Path, workdir: Path, repeats: int) -> tuple[Table, Table, Table]:
+    image = image_path.read_bytes()
+    size = len(image)
+    reads = Table(
+        f"ZFile sequential read, {size >> 20} MiB ext4 image, 1 MiB requests, warm cache",
+        [
+            "codec",
+            "block",
+            "bare codec MB/s",
+            "ZFileReader MB/s",
+            "ratio (>= 0.85)",
+            "OverlayBD C++ MB/s",
+            "vs OverlayBD",
+        ],
+    )
+    sizes = Table(
+        f"Compressed size of the {size >> 20} MiB ext4 image",
+        ["format", "bytes", "% of image"],
+    )
+    tracing = Table(
+        "Tracing hooks when tracing is off (ZFile read path)",
+        ["codec", "block", "untraced MB/s", "traced-off MB/s", "cost (<= 3%)", "on: cost"],
+    )
+    untraced, hooks = _untraced_zfile()
+
+    for algorithm, block_size in OVERLAYBD_READ_MBPS:
+        path = workdir / f"image.{algorithm}.{block_size}.zfile"
+        compress_s = compress_to(path, image, algorithm, block_size)
+        sizes.rows.append(
+            [
+                f"ZFile {algorithm} {block_size // 1024} KiB (written in {compress_s:.1f} s)",
+                path.stat().st_size,
+                100 * path.stat().st_size / size,
+            ]
+        )
+
+        # Baseline: the bare codec over the same blocks, already in memory.
+        blocks, _ = stored_blocks(path)
+        bare_s = best_of(
+            repeats, lambda b=blocks, a=algorithm, s=block_size: decompress_all(b, a, s)
+        )
+
+        # The reader: the whole file through pread, from the page cache.
+        with LocalFile(path) as source:
+            reader = ZFileReader(source)
+            read_s = best_of(repeats, lambda reader=reader: read_sequentially(reader, size))
+            plain = untraced.ZFileReader(source)
+            untraced_s, traced_s = _interleaved(repeats * 2, plain, reader, size)
+            on_s = _traced_on(reader, size)
+
+        low, high = OVERLAYBD_READ_MBPS[(algorithm, block_size)]
+        read_mbps = size / read_s / MB
+        reads.rows.append(
+            [
+                algorithm,
+                f"{block_size // 1024} KiB",
+                size / bare_s / MB,
+                read_mbps,
+                f"{bare_s / read_s:.2f}",
+                f"{low}-{high}" if low != high else f"{low}",
+                f"{read_mbps / high:.2f}x",
+            ]
+        )
+        tracing.rows.append(
+            [
+                algorithm,
+                f"{block_size // 1024} KiB",
+                size / untraced_s / MB,
+                size / traced_s / MB,
+                f"{100 * (traced_s / untraced_s - 1):+.1f}%",
+                f"{100 * (on_s / untraced_s - 1):+.0f}%",
+            ]
+        )
+        path.unlink()
+
+    reads.notes.append(
+        "ratio = bare codec time / reader time over the same blocks (the reader also reads, "
+        "checks CRC32C and copies); vs OverlayBD = ours / the top of its range"
+    )
+    tracing.notes.append(
+        f"untraced = a copy of workbench.formats.zfile with its {hooks} tracing hooks "
+        "deleted, timed interleaved with the real one; on = recording every block"
+    )
+    for name, compressed in _whole_file_sizes(image):
+        sizes.rows.append([name, compressed, 100 * compressed / size])
+    nonzero = _nonzero_bytes(image)
+    sizes.rows.append(["non-zero 4 KiB blocks, uncompressed", nonzero, 100 * nonzero / size])
+    return reads, sizes, tracing
+
+
+def _untraced_zfile() -> tuple[Any, int]:
+    from workbench.bench.untraced import without_tracing
+
+    return without_tracing(zfile_module.__name__)
+
+
+def _interleaved(repeats: int, plain: Any, traced: Any, size: int) -> tuple[float, float]:
+    """Best times of two readers, alternating runs so that drift hits both alike."""
+    best_plain = best_traced = float("inf")
+    for _ in range(repeats):
+        best_plain = min(best_plain, best_of(1, lambda: read_sequentially(plain, size)))
+        best_traced = min(best_traced, best_of(1, lambda: read_sequentially(traced, size)))
+    return best_plain, best_traced
+
+
+def _traced_on(reader: Any, size: int) -> float:
+    from workbench.tracing import recording
+
+    with recording():
+        return best_of(1, lambda: read_sequentially(reader, size))
+
+
+def _whole_file_sizes(image: bytes) -> list[tuple[str, int]]:
+    zstd_size = len(zstandard.ZstdCompressor(level=3).compress(image))
+    lz4_size = len(lz4.frame.compress(image))
+    return [("whole-file zstd (level 3)", zstd_size), ("whole-file lz4 (frame)", lz4_size)]
+
+
+def _nonzero_bytes(image: bytes) -> int:
+    blocks = np.frombuffer(image, np.uint64).reshape(-1, 512)
+    return int(blocks.any(axis=1).sum()) * 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole benchmark
+
+
+@dataclass
+class FormatsBenchmark:
+    """Settings of one run; `quick` shrinks everything to a smoke test of a few seconds."""
+
+    image_size: int = 512 << 20
+    lookup_sizes: list[int] = field(default_factory=lambda: [1_000, 10_000, 100_000, 1_000_000])
+    repeats: int = 3
+    sources: list[str] = field(default_factory=lambda: ["/usr/lib", "/usr/share", "/usr/bin"])
+
+    @classmethod
+    def quick(cls) -> FormatsBenchmark:
+        return cls(image_size=32 << 20, lookup_sizes=[1_000, 100_000], repeats=1)
+
+
+def run(settings: FormatsBenchmark, out: io.TextIOBase | None = None) -> list[Table]:
+    """Run every section, printing each table as it completes; returns the tables."""
+
+    def show(table: Table) -> None:
+        if out is not None:
+            out.write(table.render() + "\n\n")
+            out.flush()
+
+    tables = [bench_lookups(settings.lookup_sizes, settings.repeats)]
+    show(tables[-1])
+
+    with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
+        workdir = Path(tmp)
+        image_path = workdir / "image.ext4"
+        make_ext4_image(image_path, settings.image_size, settings.sources)
+        for table in bench_zfile(image_path, workdir, settings.repeats):
+            tables.append(table)
+            show(table)
+    return tables
