@@ -173,31 +173,44 @@ def make_ext4_image(path: Path, size: int, sources: list[str]) -> None:
 
     budget = int(size * 0.6)
     with tempfile.TemporaryDirectory(prefix="wb-ext4-") as staging:
-        used = 0
-        for source in sources:
-            for root, _dirs, files in os.walk(source):
-                for name in files:
-                    src = os.path.join(root, name)
-                    if not os.path.isfile(src) or os.path.islink(src):
-                        continue
-                    file_size = os.path.getsize(src)
-                    if used + file_size > budget:
-                        continue
-                    dst = os.path.join(staging, os.path.relpath(src, "/"))
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    try:
-                        shutil.copyfile(src, dst)
-                    except OSError:
-                        continue
-                    used += file_size
+        used, entries = _stage_files(sources, staging, budget)
         with open(path, "wb") as image:
             image.truncate(size)
-        subprocess.run(
-            [mkfs, "-q", "-F", "-O", "^has_journal", "-d", staging, str(path)],
-            check=True,
-            capture_output=True,
-        )
+
+        # Enough inodes for every staged file and folder: the default ratio (one per 16 KiB)
+        # runs out on a small image of small files.
+        inodes = int(entries * 1.25) + 128
+        command = [mkfs, "-q", "-F", "-O", "^has_journal", "-N", str(inodes), "-d", staging]
+        done = subprocess.run([*command, str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"mkfs.ext4 failed to build the test image: {done.stderr.strip()}")
     log.info("made a %d MiB ext4 image with %d MiB of files", size >> 20, used >> 20)
+
+
+def _stage_files(sources: list[str], staging: str, budget: int) -> tuple[int, int]:
+    """Copy regular files from `sources` into `staging` up to `budget` bytes.
+
+    Returns the bytes copied and the number of files and folders made.
+    """
+    used = 0
+    for source in sources:
+        for root, _dirs, files in os.walk(source):
+            for name in files:
+                src = os.path.join(root, name)
+                if not os.path.isfile(src) or os.path.islink(src):
+                    continue
+                file_size = os.path.getsize(src)
+                if used + file_size > budget:
+                    continue
+                dst = os.path.join(staging, os.path.relpath(src, "/"))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                try:
+                    shutil.copyfile(src, dst)
+                except OSError:
+                    continue
+                used += file_size
+    entries = sum(len(dirs) + len(files) for _root, dirs, files in os.walk(staging))
+    return used, entries
 
 
 # ---------------------------------------------------------------------------------------------
