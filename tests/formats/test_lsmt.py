@@ -170,6 +170,7 @@ def test_find_and_span_agree_with_a_brute_force_search(segments, probes) -> None
         return -1
 
     assert index.find(probes).tolist() == [covering(p) for p in probes]
+    assert [index.find_one(p) for p in probes] == [covering(p) for p in probes]
     for probe in probes[:20]:
         first, stop = index.span(probe, 7)
         expected = [i for i, (o, n) in enumerate(segments) if o < probe + 7 and probe < o + n]

@@ -471,7 +471,7 @@ class SegmentIndex:
         sectors = np.atleast_1d(np.asarray(sectors, _U64))
         order = None
         if len(sectors) > _SORT_PROBES_ABOVE and (np.diff(sectors).view(np.int64) < 0).any():
-            order = np.argsort(sectors, kind="stable")
+            order = np.argsort(sectors)
             sectors = sectors[order]
 
         probe = (sectors << np.uint64(LENGTH_BITS)) | _LENGTH_MASK
@@ -487,6 +487,16 @@ class SegmentIndex:
             unsorted[order] = result
             result = unsorted
         return result
+
+    def find_one(self, sector: int) -> int:
+        """The position of the entry that covers `sector`, or -1: `find` for one sector."""
+        keys = self._key_view
+        position = bisect_right(keys, (sector << LENGTH_BITS) | MAX_SEGMENT_LENGTH) - 1
+        if position >= 0:
+            key = keys[position]
+            if sector < (key >> LENGTH_BITS) + (key & MAX_SEGMENT_LENGTH):
+                return position
+        return -1
 
     def span(self, offset: int, length: int) -> tuple[int, int]:
         """Positions [first, stop) of the entries that overlap sectors [offset, offset+length).
