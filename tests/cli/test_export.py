@@ -12,6 +12,8 @@ from click.testing import CliRunner
 
 from workbench.cli.image import export
 from workbench.errors import ImageConfigError
+from workbench.image.layer import ReadOnlyLayer
+from workbench.image.writable import WritableLayer
 
 TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
 MiB = 1 << 20
@@ -80,3 +82,37 @@ def test_export_of_a_broken_config_leaves_no_output(tmp_path: Path) -> None:
     assert isinstance(result.exception, ImageConfigError)
     assert not out.exists()
     assert not (tmp_path / "disk.img.tmp").exists()
+
+
+@pytest.mark.parametrize("torn", [False, True], ids=["clean", "torn-tail"])
+def test_export_never_modifies_the_writable_layer(tmp_path: Path, torn: bool) -> None:
+    data, index = tmp_path / "upper.data", tmp_path / "upper.index"
+    with WritableLayer.create(data, index, 64 * MiB) as rw:
+        rw.pwrite(0, b"\x5a" * 4096)
+        rw.flush()
+        rw.pwrite(4096, b"\xa5" * 4096)
+    if torn:
+        # A crash: the second write's data never reached the data file, and a partial
+        # entry follows its entry. A writable open would cut both off the index file.
+        os.truncate(data, os.path.getsize(data) - 4096)
+        with open(index, "ab") as index_file:
+            index_file.write(b"\x01" * 7)
+    for path in (data, index):
+        path.chmod(0o444)
+    before = [(path.read_bytes(), path.stat().st_mtime_ns) for path in (data, index)]
+    config = tmp_path / "config.v1.json"
+    lower = TESTDATA / "layer1.lsmt"
+    upper = {"data": str(data), "index": str(index)}
+    config.write_text(json.dumps({"lowers": [{"file": str(lower)}], "upper": upper}))
+    out = tmp_path / "disk.img"
+
+    result = CliRunner().invoke(export, [str(config), str(out)])
+
+    assert result.exit_code == 0, result.output
+    assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in (data, index)] == before
+    with open(out, "rb") as image:
+        assert image.read(4096) == b"\x5a" * 4096
+        second = image.read(4096)
+    with ReadOnlyLayer.open(lower) as layer1:
+        # The lost write never happened: the lower shows through where it would have been.
+        assert second == (layer1.pread(4096, 4096) if torn else b"\xa5" * 4096)

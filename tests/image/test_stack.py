@@ -12,6 +12,7 @@ import pytest
 
 from workbench.errors import AlignmentError, ImageConfigError, LayerStackError, ReadOnlyError
 from workbench.formats.lsmt import NULL_UUID, LsmtHeader, SegmentIndex
+from workbench.image.commit import commit_writable
 from workbench.image.layer import ReadOnlyLayer
 from workbench.image.open import open_image, write_result
 from workbench.image.stack import LayerStack
@@ -339,6 +340,61 @@ def test_open_image_with_a_writable_layer(tmp_path: Path) -> None:
     with open_image(path, writable=False) as stack:
         assert stack.upper is None
         assert stack.pread(0, 512) != b"\xab" * 512
+
+
+@needs_testdata
+def test_open_image_with_a_read_only_upper(tmp_path: Path) -> None:
+    with WritableLayer.create(tmp_path / "data", tmp_path / "index", 64 * MiB) as rw:
+        rw.pwrite(0, b"\xcd" * 512)
+    path = write_config(
+        tmp_path,
+        {
+            "lowers": [{"file": str(TESTDATA / "layer1.lsmt")}],
+            "upper": {"data": "data", "index": "index", "vsize": 0},
+        },
+    )
+    files = [tmp_path / "data", tmp_path / "index"]
+    before = [(file.read_bytes(), file.stat().st_mtime_ns) for file in files]
+
+    with open_image(path, upper="readonly") as stack:
+        assert stack.upper is not None and stack.upper.readonly
+        assert not stack.writable
+        assert stack.pread(0, 512) == b"\xcd" * 512
+        with pytest.raises(ReadOnlyError, match='opened read-only; open the image with upper="wr'):
+            stack.pwrite(0, bytes(512))
+        with pytest.raises(ReadOnlyError, match="cannot trim"):
+            stack.trim(0, 512)
+    assert [(file.read_bytes(), file.stat().st_mtime_ns) for file in files] == before
+
+    with open_image(path, upper="none") as stack:
+        assert stack.upper is None
+    with open_image(path, upper="writable") as stack:
+        assert stack.writable
+    with pytest.raises(ValueError, match="writable=False contradicts upper='readonly'"):
+        open_image(path, writable=False, upper="readonly")
+    with pytest.raises(ValueError, match="expected one of none, readonly, writable"):
+        open_image(path, upper="rw")  # type: ignore[arg-type]
+
+
+def test_reads_do_not_rebuild_the_upper_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read path asks the upper for a range (`lookup`), not for its whole index."""
+    with WritableLayer.create(tmp_path / "lower", tmp_path / "lower.index", MiB) as rw:
+        rw.pwrite(0, b"\x11" * 65536)
+        commit_writable(rw, tmp_path / "lower.lsmt")
+    upper = WritableLayer.create(tmp_path / "data", tmp_path / "index", MiB)
+    with LayerStack([ReadOnlyLayer.open(tmp_path / "lower.lsmt")], upper) as stack:
+        # O(entries) per call: a read must not need it.
+        monkeypatch.setattr(WritableLayer, "index", property(lambda _: pytest.fail("index")))
+        model = bytearray(b"\x11" * 65536 + bytes(MiB - 65536))
+        for offset, fill in [(4096, 0x22), (8192, 0x33), (60 * 1024, 0x44), (6144, 0x55)]:
+            stack.pwrite(offset, bytes([fill]) * 4096)
+            model[offset : offset + 4096] = bytes([fill]) * 4096
+            assert stack.pread(0, 128 * 1024) == model[: 128 * 1024]
+        stack.trim(512, 1024)
+        model[512:1536] = bytes(1024)
+        assert stack.pread(0, MiB) == model
 
 
 def test_open_image_reports_failure_to_the_result_file(tmp_path: Path) -> None:

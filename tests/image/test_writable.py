@@ -6,7 +6,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,13 +264,233 @@ def test_a_torn_tail_after_complete_entries_loses_nothing(
     assert caplog.records[0].levelno == logging.WARNING
 
 
-def test_an_entry_naming_missing_data_is_refused(paths: tuple[Path, Path]) -> None:
-    with WritableLayer.create(*paths, MiB) as rw:
-        rw.pwrite(0, bytes(8192))
-    os.truncate(paths[0], HT_SPACE + 4096)
+def index_entries(path: Path) -> list[tuple[int, int]]:
+    raw = np.frombuffer(path.read_bytes()[HT_SPACE:], "<u8").reshape(-1, 2)
+    return [(int(w0), int(w1)) for w0, w1 in raw]
 
-    with pytest.raises(CorruptFileError, match=r"maps data sectors \[8, 24\), outside"):
+
+def append_entry(path: Path, offset: int, length: int, moffset: int, zeroed: bool = False) -> None:
+    with open(path, "ab") as index_file:
+        index_file.write(struct.pack("<QQ", offset | length << 50, moffset | zeroed << 55))
+
+
+def test_writes_whose_data_was_lost_are_dropped_and_older_content_shows(
+    paths: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    acked, lost, lost_too = pattern(8192, 20), pattern(4096, 21), pattern(4096, 22)
+    with WritableLayer.create(*paths, MiB) as rw:
+        rw.pwrite(0, acked)
+        rw.flush()
+        rw.pwrite(4096, lost)
+        rw.trim(0, 512)
+        rw.pwrite(65536, lost_too)
+    # The crash: the index entries reached the disk, the data appends after the flush did not.
+    os.truncate(paths[0], HT_SPACE + 8192)
+
+    with caplog.at_level(logging.WARNING), WritableLayer.open(*paths) as rw:
+        assert rw.pread(0, 8192) == acked
+        assert rw.pread(65536, 4096) == bytes(4096)
+        # The index file is cut back to the acknowledged entry, so new data appended at the
+        # data file's end cannot be named by the dropped entries at the next open.
+        assert os.path.getsize(paths[1]) == HT_SPACE + 16
+        rw.pwrite(65536, acked[:4096])
+        rw.flush()
+
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "dropped 3 index entries from offset 4112 on (2 naming data past" in warnings[0].message
+    assert "maps data sectors [24, 32), the data file has 24" in warnings[0].message
+
+    with WritableLayer.open(*paths) as rw:
+        assert rw.pread(0, 8192) == acked
+        assert rw.pread(65536, 4096) == acked[:4096]
+
+
+def test_hand_written_entries_past_the_data_end_are_dropped(
+    paths: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    old = pattern(16384, 23)
+    with WritableLayer.create(*paths, MiB) as rw:
+        rw.pwrite(0, old)
+        rw.flush()
+    append_entry(paths[1], offset=8, length=8, moffset=8 + 32)  # data sectors [40, 48)
+    append_entry(paths[1], offset=0, length=4, moffset=48, zeroed=True)
+
+    with caplog.at_level(logging.WARNING), WritableLayer.open(*paths) as rw:
+        assert rw.pread(0, 16384) == old
+        assert rw.index.to_frame().offset.tolist() == [0]
+    assert "dropped 2 index entries from offset 4112 on (1 naming data past" in caplog.text
+
+
+def test_a_partial_last_sector_of_data_counts_as_lost(paths: tuple[Path, Path]) -> None:
+    with WritableLayer.create(*paths, MiB) as rw:
+        rw.pwrite(0, pattern(1024, 24))
+    os.truncate(paths[0], HT_SPACE + 1000)
+
+    # The write's one entry names sectors [8, 10), the file holds 8 and a fraction: dropped.
+    with WritableLayer.open(*paths) as rw:
+        assert rw.lookup(0, 2) == []
+        rw.pwrite(0, bytes(512))
+    assert os.path.getsize(paths[0]) == HT_SPACE + 1024 + 512  # after the partial sector
+
+
+def test_entries_no_crash_can_produce_are_still_refused(paths: tuple[Path, Path]) -> None:
+    WritableLayer.create(*paths, MiB).close()
+    append_entry(paths[1], offset=0, length=8, moffset=4)
+
+    with pytest.raises(CorruptFileError, match=r"offset 4096 .* data sectors \[4, 12\); data"):
         WritableLayer.open(*paths)
+
+    os.truncate(paths[1], HT_SPACE)
+    append_entry(paths[1], offset=2040, length=16, moffset=8, zeroed=True)
+    with pytest.raises(CorruptFileError, match="the virtual disk has 2048 sectors"):
+        WritableLayer.open(*paths)
+
+
+# A writer killed at a random moment: it prints "acked N" once writes 0..N-1 are flushed.
+# Write i fills slot SLOTS[i] (64 KiB slots, distinct) with (i % 15 + 1) * 4 KiB of a
+# pattern of i + 1 (never zeros), so every write can be checked on its own after the kill.
+KILL_WRITER = """
+import sys
+import numpy as np
+from workbench.image.writable import WritableLayer
+
+slots = np.random.default_rng(int(sys.argv[3])).permutation(1024).tolist()
+rng = np.random.default_rng(int(sys.argv[3]) + 1)
+layer = WritableLayer.create(sys.argv[1], sys.argv[2], 64 << 20)
+done = 0
+while done < len(slots):
+    for _ in range(int(rng.integers(1, 5))):
+        if done == len(slots):
+            break
+        size = (done % 15 + 1) * 4096
+        layer.pwrite(slots[done] * 65536, (done + 1).to_bytes(4, "little") * (size // 4))
+        done += 1
+    layer.flush()
+    print("acked", done, flush=True)
+"""
+
+
+def test_every_acknowledged_write_survives_kill_9(tmp_path: Path) -> None:
+    rng = np.random.default_rng(25)
+    for round_number in range(4):
+        data_path, index_path = tmp_path / f"data{round_number}", tmp_path / f"index{round_number}"
+        seed = int(rng.integers(1 << 30))
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILL_WRITER, str(data_path), str(index_path), str(seed)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+
+        # Let it acknowledge a random number of batches, then kill it mid-flight.
+        wait_for = int(rng.integers(1, 60))
+        lines = []
+        while len(lines) < wait_for:
+            line = child.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        time.sleep(float(rng.uniform(0, 0.01)))
+        child.send_signal(signal.SIGKILL)
+        lines += child.stdout.readlines()  # acks already in the pipe count too
+        child.wait()
+        child.stdout.close()
+        assert child.returncode == -signal.SIGKILL  # killed mid-run, not finished
+        acked = max(int(line.split()[1]) for line in lines)
+
+        slots = np.random.default_rng(seed).permutation(1024).tolist()
+        with WritableLayer.open(data_path, index_path) as rw:
+            present = []
+            for i, slot in enumerate(slots):
+                size = (i % 15 + 1) * 4096
+                got = rw.pread(slot * 65536, size)
+                assert got in ((i + 1).to_bytes(4, "little") * (size // 4), bytes(size)), i
+                present.append(got != bytes(size))
+        # Acknowledged writes are all there, and what survived is a prefix of the writes.
+        assert all(present[:acked]), (round_number, acked)
+        survived = sum(present)
+        assert survived >= acked
+        assert not any(present[survived:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening read-only
+
+
+def file_state(*paths: Path) -> list[tuple[bytes, int]]:
+    return [(path.read_bytes(), path.stat().st_mtime_ns) for path in paths]
+
+
+def test_a_read_only_open_modifies_nothing_even_with_a_torn_tail(
+    paths: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    acked = pattern(8192, 26)
+    with WritableLayer.create(*paths, MiB) as rw:
+        rw.pwrite(0, acked)
+        rw.flush()
+        rw.pwrite(0, pattern(4096, 27))
+    os.truncate(paths[0], HT_SPACE + 8192)  # the second write's data was lost
+    with open(paths[1], "ab") as index_file:
+        index_file.write(b"\x07" * 5)  # and a torn entry after it
+    before = file_state(*paths)
+
+    with caplog.at_level(logging.WARNING), WritableLayer.open(*paths, readonly=True) as rw:
+        assert rw.readonly
+        assert rw.pread(0, 8192) == acked
+        rw.flush()  # nothing to make durable; must not fail either
+        with pytest.raises(ReadOnlyError, match="opened read-only; write refused; open it with"):
+            rw.pwrite(0, bytes(512))
+        with pytest.raises(ReadOnlyError, match="opened read-only; trim refused"):
+            rw.trim(0, 512)
+        with pytest.raises(ReadOnlyError, match="opened read-only; seal refused"):
+            rw.seal()
+
+    assert file_state(*paths) == before
+    assert "read-only, the file is left as it is" in caplog.text
+    assert "dropped 1 index entries from offset 4112" in caplog.text
+
+
+def test_a_read_only_layer_opens_files_without_write_permission(
+    paths: tuple[Path, Path],
+) -> None:
+    data = pattern(4096, 28)
+    with WritableLayer.create(*paths, MiB) as rw:
+        rw.pwrite(4096, data)
+    for path in paths:
+        path.chmod(0o444)
+
+    with WritableLayer.open(*paths, readonly=True) as rw:
+        assert rw.pread(4096, 4096) == data
+
+
+def test_a_read_only_sparse_layer_is_not_extended(tmp_path: Path) -> None:
+    data_path = tmp_path / "sparse_data"
+    data = pattern(4096, 29)
+    with WritableLayer.create(data_path, None, 4 * MiB, sparse=True) as rw:
+        rw.pwrite(0, data)
+    os.truncate(data_path, HT_SPACE + MiB)  # shorter than the virtual disk
+    before = file_state(data_path)
+
+    with WritableLayer.open(data_path, readonly=True) as rw:
+        assert rw.pread(0, 8192) == data + bytes(4096)
+        assert rw.pread(2 * MiB, 4096) == bytes(4096)
+    assert file_state(data_path) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Looking up a range
+
+
+def test_lookup_gives_the_whole_mappings_over_a_range(layer: WritableLayer) -> None:
+    layer.pwrite(0, pattern(64 * KiB, 30))  # sectors [0, 128) at data sector 8
+    layer.pwrite(16 * KiB, pattern(8 * KiB, 31))  # sectors [32, 48) at data sector 136
+    layer.trim(MiB, 4 * KiB)  # sectors [2048, 2056), zeroed
+
+    assert layer.lookup(40, 100) == [(32, 16, 136, False), (48, 80, 56, False)]
+    assert layer.lookup(0, 1) == [(0, 32, 8, False)]
+    assert layer.lookup(128, 1920) == []
+    assert layer.lookup(2050, 1) == [(2048, 8, 152, True)]
 
 
 def test_a_non_sparse_layer_needs_its_index_file(paths: tuple[Path, Path]) -> None:

@@ -5,6 +5,10 @@ writes only the ranges that hold data and seeks over unmapped and trimmed ones, 
 holes in the file; `--no-sparse` writes every byte. The image is written to ``OUT.tmp`` and
 renamed to ``OUT`` when complete, so a failed export never leaves a half-written ``OUT``.
 
+Export never modifies its input: the config's writable layer is opened read-only
+(``upper="readonly"``), so its files keep their bytes and mtimes, and a torn tail left by a
+crash is skipped in memory, not repaired on disk.
+
 Caveats:
 - whether holes stay holes depends on the file system of OUT (most Linux ones keep them);
 - a range a layer wrote zeros to is data, not a hole: it is written out.
@@ -90,7 +94,8 @@ def export(config: Path, out: Path, force: bool, sparse: bool) -> None:
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass -f to overwrite it")
     # Workbench errors reach the `workbench` group, which prints them as one line.
-    with open_image(config) as stack:
+    # Read-only: an export must not repair (or otherwise touch) the layers it reads.
+    with open_image(config, upper="readonly") as stack:
         written = export_image(stack, out, sparse=sparse)
         size = stack.size
     click.echo(f"{out}: {size} bytes ({written} bytes of data)", err=True)

@@ -2,9 +2,12 @@
 
 `open_image` reads the config (`workbench.formats.config`), opens every lower as a read-only
 layer (tar and ZFile wrapping are detected by `ReadOnlyLayer.open`), the writable layer if the
-config has one, and stacks them into a `LayerStack`. `write_result` reports the outcome to the
-config's ``resultFile`` the way OverlayBD does, so tools that wait on that file (the
-snapshotter) see ``success`` or ``failed:<reason>``.
+config has one, and stacks them into a `LayerStack`. The upper comes in one of three modes
+(`UpperMode`): left out (``"none"``, the lowers alone), opened read-only (``"readonly"``: its
+writes are visible, its files are never modified, even a torn tail is left as it is; what
+readers such as `workbench export` use) or opened for writing (``"writable"``, the default).
+`write_result` reports the outcome to the config's ``resultFile`` the way OverlayBD does, so
+tools that wait on that file (the snapshotter) see ``success`` or ``failed:<reason>``.
 
 Lower resolution follows `ImageConfig.resolve_lower`: a local file first, then the files in
 the lower's ``dir``; a remote lower goes to the registry hook (not built yet).
@@ -20,20 +23,27 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 from workbench.errors import ImageConfigError, UnsupportedFormatError
 from workbench.formats.config import ImageConfig, LowerConfig
 from workbench.image.stack import Layer, LayerStack, WritableUpper
 
-__all__ = ["open_image", "open_lowers", "open_upper", "write_result"]
+__all__ = ["UpperMode", "open_image", "open_lowers", "open_upper", "write_result"]
 
 log = logging.getLogger(__name__)
+
+UpperMode = Literal["none", "readonly", "writable"]
+"""How `open_image` treats the config's writable layer: leave it out, read it, or write it."""
+
+UPPER_MODES: tuple[UpperMode, ...] = ("none", "readonly", "writable")
 
 
 def open_image(
     config: str | os.PathLike[str] | ImageConfig,
     writable: bool = True,
     *,
+    upper: UpperMode | None = None,
     check_uuid_chain: bool = False,
     report_result: bool = False,
 ) -> LayerStack:
@@ -44,8 +54,14 @@ def open_image(
     config
         A config.v1.json path, or an already parsed `ImageConfig`.
     writable
-        Open the config's writable layer on top (if it has one). False gives a read-only view
-        of the lowers only.
+        Shorthand kept for existing callers: True is ``upper="writable"``, False is
+        ``upper="none"``.
+    upper
+        What to do with the config's writable layer, if it has one: ``"none"`` leaves it out
+        (the lowers only), ``"readonly"`` stacks it opened read-only (its writes show, its
+        files stay untouched, writes to the stack raise `ReadOnlyError`), ``"writable"``
+        stacks it for writing. Overrides `writable`; ``writable=False`` with an `upper`
+        other than ``"none"`` is a contradiction and raises `ValueError`.
     check_uuid_chain
         Check each layer's parent_uuid against the layer below (off in OverlayBD).
     report_result
@@ -59,18 +75,19 @@ def open_image(
     FormatError
         For a layer file that is not a valid layer (the message names the file).
     """
+    mode = _upper_mode(writable, upper)
     if not isinstance(config, ImageConfig):
         config = ImageConfig.load(config)
 
     lowers: list[Layer] = []
-    upper: WritableUpper | None = None
+    top: WritableUpper | None = None
     try:
         lowers = open_lowers(config)
-        if writable and not config.upper.is_empty:
-            upper = open_upper(config)
-        stack = LayerStack(lowers, upper, check_uuid_chain=check_uuid_chain)
+        if mode != "none" and not config.upper.is_empty:
+            top = open_upper(config, readonly=mode == "readonly")
+        stack = LayerStack(lowers, top, check_uuid_chain=check_uuid_chain)
     except Exception as exc:
-        for layer in [*lowers, *([upper] if upper is not None else [])]:
+        for layer in [*lowers, *([top] if top is not None else [])]:
             layer.close()
         if report_result:
             write_result(config, f"failed:{exc}")
@@ -81,10 +98,23 @@ def open_image(
     log.info(
         "opened image: %d lowers, %s, virtual size %d",
         len(lowers),
-        "writable" if upper is not None else "read-only",
+        "no upper" if top is None else ("upper read-only" if top.readonly else "upper writable"),
         stack.size,
     )
     return stack
+
+
+def _upper_mode(writable: bool, upper: UpperMode | None) -> UpperMode:
+    if upper is None:
+        return "writable" if writable else "none"
+    if upper not in UPPER_MODES:
+        raise ValueError(f"upper={upper!r}: expected one of {', '.join(UPPER_MODES)}")
+    if not writable and upper != "none":
+        raise ValueError(
+            f"writable=False contradicts upper={upper!r}; pass upper alone (writable is the "
+            "older shorthand)"
+        )
+    return upper
 
 
 def open_lowers(config: ImageConfig) -> list[Layer]:
@@ -109,8 +139,12 @@ def open_lowers(config: ImageConfig) -> list[Layer]:
     return opened
 
 
-def open_upper(config: ImageConfig) -> WritableUpper:
-    """Open the config's writable layer (data file, and index file unless it is sparse)."""
+def open_upper(config: ImageConfig, readonly: bool = False) -> WritableUpper:
+    """Open the config's writable layer (data file, and index file unless it is sparse).
+
+    With `readonly` the files are opened O_RDONLY and nothing is repaired on disk
+    (`WritableLayer.open`).
+    """
     from workbench.image.writable import WritableLayer
 
     upper = config.upper
@@ -122,7 +156,7 @@ def open_upper(config: ImageConfig) -> WritableUpper:
     if not data.is_file():
         raise ImageConfigError(f"upper.data {data} not found; create the writable layer first")
     index = config.resolve_path(upper.index) if upper.index else None
-    return WritableLayer.open(data, index)
+    return WritableLayer.open(data, index, readonly=readonly)
 
 
 def write_result(config: ImageConfig, result: str) -> None:

@@ -33,10 +33,13 @@ Caveats:
   reopened, not updated;
 - the uuid chain is not checked unless asked (`check_uuid_chain=True` or `check_chain()`),
   as OverlayBD's image opener does not check it either;
-- OverlayBD splits reads at 4 MiB; this stack reads a request of any size in one go.
-- a read consults the writable layer's `index`, which that layer rebuilds (O(its entries))
-  after each write; a workload that alternates writes and reads on a heavily written upper
-  pays that per read (a random 4 KiB read of a 2-layer stack without upper: about 6 us).
+- OverlayBD splits reads at 4 MiB; this stack reads a request of any size in one go;
+- `pread` asks the writable layer only for the mappings over the read (`lookup`, O(log n)),
+  but `index`, `segments` and `data_ranges` use its whole `index`, which that layer
+  rebuilds (O(its entries)) after each write: call them between batches of writes, not per
+  read. 20,000 random 4 KiB writes on a 1 GiB upper, each followed by a 4 KiB read of the
+  block: 2.0 s in all, about 100 us per write+read and flat, where rebuilding the index per
+  read took 111 s, 1.2 ms per write+read at first and 11.5 ms near 20,000 (2-core VM).
 """
 
 from __future__ import annotations
@@ -92,7 +95,19 @@ class Layer(Protocol):
 
 
 class WritableUpper(Layer, Protocol):
-    """A layer that also takes writes (`WritableLayer`)."""
+    """A layer that also takes writes (`WritableLayer`).
+
+    `lookup(first, count)` gives the mappings ``(offset, length, moffset, zeroed)`` that
+    overlap sectors [first, first + count), sorted by offset, uncut: the read path's way
+    to the upper's mappings without building its whole `index` after every write.
+    `readonly` is True for an upper opened read-only (a view of its files that refuses
+    writes).
+    """
+
+    @property
+    def readonly(self) -> bool: ...
+
+    def lookup(self, first: int, count: int) -> list[tuple[int, int, int, bool]]: ...
 
     def pwrite(self, offset: int, data: bytes) -> object: ...
 
@@ -189,7 +204,8 @@ class LayerStack:
 
     @property
     def writable(self) -> bool:
-        return self.upper is not None
+        """True if the stack takes writes: it has an upper, not opened read-only."""
+        return self.upper is not None and not self.upper.readonly
 
     def check_chain(self) -> None:
         """Raise `LayerStackError` at the first layer whose parent_uuid is not the uuid below."""
@@ -220,24 +236,25 @@ class LayerStack:
             ro = overlay(mine.with_tag(self._upper_tag), ro)
         return clip(ro, first, first + count)
 
-    def _pieces(self, first: int, count: int) -> Iterator[Piece]:
+    def _pieces(self, first: int, count: int) -> list[Piece]:
         """The same entries as `_segments`, as tuples; the read path's version.
 
         A small read touches a handful of entries, where numpy's per-call cost dominates:
-        the entries are cut in plain Python, and the writable layer's index is only
-        overlaid when it maps something in the range.
+        the entries are cut in plain Python. The writable layer is asked only for its
+        mappings over the range (`lookup`), and the merged read-only entries fill the gaps
+        between them.
         """
+        stop = first + count
         index = self.ro_index
-        if self.upper is not None:
-            upper_index = self.upper.index
-            mine = upper_index.slice(*upper_index.span(first, count))
-            if len(mine):
-                ro = index.slice(*index.span(first, count))
-                index = overlay(mine.with_tag(self._upper_tag), ro)
         lo, hi = index.span(first, count)
-        return _cut(
-            index.keys[lo:hi].tolist(), index.mappings[lo:hi].tolist(), first, first + count
-        )
+        ro = list(_cut(index.keys[lo:hi].tolist(), index.mappings[lo:hi].tolist(), first, stop))
+        if self.upper is None:
+            return ro
+
+        mine = list(_cut_lookup(self.upper.lookup(first, count), first, stop, self._upper_tag))
+        if not mine:
+            return ro
+        return _fill_gaps(mine, ro, first, stop)
 
     # Reading ---------------------------------------------------------------------------
 
@@ -366,6 +383,11 @@ class LayerStack:
                 f"{self.name}: cannot {what}: the image has no writable layer; "
                 "open it with a writable layer (an upper in the config, writable=True)"
             )
+        if self.upper.readonly:
+            raise ReadOnlyError(
+                f"{self.name}: cannot {what}: the writable layer {self.upper.name} was opened "
+                'read-only; open the image with upper="writable"'
+            )
         return self.upper
 
     def pwrite(self, offset: int, data: bytes) -> int:
@@ -427,6 +449,50 @@ def _cut(keys: list[int], mappings: list[int], first: int, stop: int) -> Iterato
             moffset += start - offset
         if start < end:
             yield start, end, moffset, zeroed, mapping >> 56
+
+
+def _cut_lookup(
+    segments: list[tuple[int, int, int, bool]], first: int, stop: int, tag: int
+) -> Iterator[Piece]:
+    """`_cut` for a layer's own (offset, length, moffset, zeroed) mappings, tagged `tag`."""
+    for offset, length, moffset, zeroed in segments:
+        start = max(offset, first)
+        end = min(offset + length, stop)
+        if start < end:
+            yield start, end, moffset if zeroed else moffset + (start - offset), zeroed, tag
+
+
+def _fill_gaps(mine: list[Piece], below: list[Piece], first: int, stop: int) -> list[Piece]:
+    """`mine` (the writable layer's pieces) with the gaps between them filled from `below`.
+
+    Both lists are sorted, non-overlapping and cut to [first, stop); so is the result. A
+    piece of `below` can straddle several gaps, so the scan of `below` restarts at the first
+    piece that reaches into each gap.
+    """
+    gaps = []
+    cursor = first
+    for start, end, *_ in mine:
+        if start > cursor:
+            gaps.append((cursor, start))
+        cursor = end
+    if cursor < stop:
+        gaps.append((cursor, stop))
+
+    pieces = list(mine)
+    position = 0
+    for gap_start, gap_end in gaps:
+        while position < len(below) and below[position][1] <= gap_start:
+            position += 1
+        scan = position
+        while scan < len(below) and below[scan][0] < gap_end:
+            start, end, moffset, zeroed, tag = below[scan]
+            cut_start = max(start, gap_start)
+            if not zeroed:
+                moffset += cut_start - start
+            pieces.append((cut_start, min(end, gap_end), moffset, zeroed, tag))
+            scan += 1
+    pieces.sort()
+    return pieces
 
 
 def _runs(pieces: Iterable[Piece]) -> Iterator[Piece]:

@@ -16,7 +16,7 @@ and writes no data. Nothing is ever rewritten in place, so the files only grow.
 Reopening replays the index file in file order into an ordered map where a later mapping
 hides the overlapped parts of older ones. Padding entries are skipped; a partial entry at the
 end of the index file (a write torn by a crash) is dropped with a WARNING and cut off so that
-later appends stay aligned; complete entries are never lost.
+later appends stay aligned; complete entries whose data reached the data file are never lost.
 
 Sparse variant (flag 0x10, ``sparse=True``): the data file is a sparse file of
 4096 + virtual_size bytes and disk offset X lives at file offset 4096 + X. No index file is
@@ -30,14 +30,34 @@ In memory the visible mappings are a `SortedDict` offset -> (length, w1): a writ
 O(log n) plus the mappings it overlaps, and the `SegmentIndex` the stack and commit use is
 built from it lazily and cached until the next write.
 
-Durability: `flush()` fsyncs the data file, then the index file. Data acknowledged by a flush
-survives a crash; writes after the last flush may be lost, never older ones.
+Durability contract
+    - `pwrite` writes the data, then appends the entries that name it; `flush()` fsyncs the
+      data file, then the index file. So every entry a flush acknowledged has its data inside
+      the data file, whatever order the kernel wrote the pages back in.
+    - After a crash every write and trim acknowledged by a `flush()` that returned reads
+      back, and possibly later ones. After kill -9 the page cache survives, so the layer
+      reads as after a prefix of its writes that holds every `pwrite` that returned. After a
+      power loss, unacknowledged writes may be there, missing, or partly there (Caveats).
+    - A torn tail is repaired at open: a partial index entry is dropped, and so are the
+      entries from the first one whose data lies past the data file's end onward (the index
+      write reached the disk, the data append did not). They were never acknowledged, since a
+      later flush would have fsynced their data first; the older contents of their ranges stay
+      visible. ONE WARNING names the count and the first entry's offset. Opened writable, the
+      index file is cut back (and fsynced) so that new data cannot be named by old entries.
+    - What cannot come from a crash still raises `CorruptFileError`: an entry mapping data
+      below the header (moffset < 8 sectors) or past the virtual disk.
+    - ``readonly=True`` opens both files O_RDONLY and repairs nothing on disk: the torn tail
+      is dropped in memory only, and writes, trims and `seal` raise `ReadOnlyError`.
 
 Caveats:
 - about 150 bytes of Python objects per visible mapping (the on-disk index is 16 bytes);
-- between flushes the kernel may write the index file back before the data file; if the
-  machine then crashes, the index can name data that never reached the disk and reopening
-  fails with `CorruptFileError` (OverlayBD behaves the same);
+- a crash can leave the data file's size extended over blocks that were never written
+  (some file systems then read zeros): entries naming them are inside the file and replay;
+  only unacknowledged writes are affected, but they may read as zeros instead of their older
+  content;
+- a lost tail left on disk (the layer only ever opened read-only) is dropped again at every
+  open, with its WARNING; other tools (OverlayBD's replay) may refuse such a layer until one
+  writable open cuts the tail off;
 - sparse layers learn their mappings from the filesystem's extents: granularity is the
   filesystem block (a 512-byte write maps its whole 4 KiB block, reading zeros around it),
   and a trimmed range becomes a gap after reopening, so a lower layer shows through it
@@ -102,9 +122,9 @@ class WritableLayer:
     """A writable LSMT layer; see the module docstring for the files and their rules.
 
     Attributes: `name` (the data file path), `header` (the data file header),
-    `virtual_size`, `uuid`, `parent_uuid`, `sparse`. `index` is the current visible mapping
-    set (later writes win, tags 0); `read_data` reads the data file in sectors, `pread` reads
-    the layer alone as a disk.
+    `virtual_size`, `uuid`, `parent_uuid`, `sparse`, `readonly`. `index` is the current
+    visible mapping set (later writes win, tags 0) and `lookup` the part of it over a range;
+    `read_data` reads the data file in sectors, `pread` reads the layer alone as a disk.
     """
 
     def __init__(
@@ -116,6 +136,7 @@ class WritableLayer:
         header: LsmtHeader,
         data_end: int,
         index_end: int,
+        readonly: bool = False,
     ) -> None:
         self.name = str(data_path)
         self.data_path = data_path
@@ -130,6 +151,7 @@ class WritableLayer:
         self._index_cache: SegmentIndex | None = None
         self._lock = threading.Lock()
         self._sealed = False
+        self._readonly = readonly
 
     @property
     def virtual_size(self) -> int:
@@ -155,6 +177,11 @@ class WritableLayer:
     @property
     def sealed(self) -> bool:
         return self._sealed
+
+    @property
+    def readonly(self) -> bool:
+        """True if opened with ``readonly=True``: the files are never modified."""
+        return self._readonly
 
     # Creating and opening --------------------------------------------------------------
 
@@ -210,40 +237,61 @@ class WritableLayer:
         return layer
 
     @classmethod
-    def open(cls, data_path: PathLike, index_path: PathLike | None = None) -> WritableLayer:
-        """Open an existing layer for reading and writing, replaying its index.
+    def open(
+        cls, data_path: PathLike, index_path: PathLike | None = None, *, readonly: bool = False
+    ) -> WritableLayer:
+        """Open an existing layer, replaying its index; for writing unless `readonly`.
 
         A sparse layer needs no index file (its mappings come from the data file's extents).
+        A torn tail (module docstring, "Durability contract") is dropped with a WARNING and,
+        unless `readonly`, cut off the index file. With ``readonly=True`` both files are
+        opened O_RDONLY and never modified; writes raise `ReadOnlyError`.
+
         Raises `FormatError` if the data file is not a writable layer (for instance a sealed
-        or committed one) and `CorruptFileError` if the index names data that is not there.
+        or committed one) and `CorruptFileError` for index entries no crash can produce
+        (data below the header, or mappings past the virtual disk).
         """
         data_path = Path(data_path)
-        data_fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
+        mode = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        data_fd = os.open(data_path, mode)
         index_fd = -1
         try:
             header = _read_data_header(data_fd, data_path)
             if header.is_sparse:
-                layer = cls._open_sparse(data_path, index_path, data_fd, header)
+                layer = cls._open_sparse(data_path, index_path, data_fd, header, readonly)
             else:
                 if index_path is None:
                     raise FormatError(
                         f"{data_path}: a non-sparse writable layer (flags {header.flags:#x}) "
                         "needs its index file; pass index_path"
                     )
-                index_fd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
-                layer = cls._open_indexed(data_path, Path(index_path), data_fd, index_fd, header)
+                index_fd = os.open(index_path, mode)
+                layer = cls._open_indexed(
+                    data_path, Path(index_path), data_fd, index_fd, header, readonly
+                )
         except BaseException:
             os.close(data_fd)
             if index_fd >= 0:
                 os.close(index_fd)
             raise
 
-        log.debug("opened writable layer %s: %d segments", data_path, len(layer._map))
+        log.debug(
+            "opened writable layer %s%s: %d segments",
+            data_path,
+            " read-only" if readonly else "",
+            len(layer._map),
+        )
         return layer
 
     @classmethod
     def _open_indexed(
-        cls, data_path: Path, index_path: Path, data_fd: int, index_fd: int, header: LsmtHeader
+        cls,
+        data_path: Path,
+        index_path: Path,
+        data_fd: int,
+        index_fd: int,
+        header: LsmtHeader,
+        readonly: bool,
     ) -> WritableLayer:
         data_size = os.fstat(data_fd).st_size
         data_end = -(-data_size // ALIGNMENT) * ALIGNMENT
@@ -256,33 +304,59 @@ class WritableLayer:
                 ALIGNMENT,
             )
 
-        entries_at, raw = _read_index_file(index_fd, index_path, header)
+        entries_at, raw = _read_index_file(index_fd, index_path, header, readonly)
+        _check_entries(raw, header.virtual_size, index_path, entries_at)
+        raw = _drop_lost_tail(raw, data_size >> SECTOR_SHIFT, index_path, entries_at)
         index_end = entries_at + len(raw) * ENTRY_SIZE
-        layer = cls(data_path, index_path, data_fd, index_fd, header, data_end, index_end)
-        layer._replay(raw, data_size >> SECTOR_SHIFT)
+        if not readonly and os.fstat(index_fd).st_size > index_end:
+            # New entries would land after the dropped ones, and a later open would replay
+            # those against data appended since: cut them off for good before any write.
+            os.ftruncate(index_fd, index_end)
+            os.fsync(index_fd)
+
+        layer = cls(data_path, index_path, data_fd, index_fd, header, data_end, index_end, readonly)
+        layer._replay(raw)
         return layer
 
     @classmethod
     def _open_sparse(
-        cls, data_path: Path, index_path: PathLike | None, data_fd: int, header: LsmtHeader
+        cls,
+        data_path: Path,
+        index_path: PathLike | None,
+        data_fd: int,
+        header: LsmtHeader,
+        readonly: bool,
     ) -> WritableLayer:
         end = HT_SPACE + header.virtual_size
         size = os.fstat(data_fd).st_size
         if size < end:
+            # Sectors past the end of a short file read as zeros either way: the extents
+            # below stop at the file's end, so a read-only open needs no repair.
             log.warning(
-                "%s: sparse data file is %d bytes, expected %d; extending it", data_path, size, end
+                "%s: sparse data file is %d bytes, expected %d; %s",
+                data_path,
+                size,
+                end,
+                "reading the rest as zeros" if readonly else "extending it",
             )
-            os.ftruncate(data_fd, end)
+            if not readonly:
+                os.ftruncate(data_fd, end)
 
         index_path = Path(index_path) if index_path is not None else None
-        layer = cls(data_path, index_path, data_fd, -1, header, end, HT_SPACE)
+        layer = cls(data_path, index_path, data_fd, -1, header, end, HT_SPACE, readonly)
         for start, stop in _data_extents(data_fd, HT_SPACE, end):
             offset = (start - HT_SPACE) >> SECTOR_SHIFT
-            layer._insert_pieces(offset, (stop - start) >> SECTOR_SHIFT, MAX_SEGMENT_LENGTH, None)
+            count = (stop - start) >> SECTOR_SHIFT
+            for entry in _pieces(offset, count, MAX_SEGMENT_LENGTH, None):
+                layer._insert(*entry)
         return layer
 
-    def _replay(self, raw: np.ndarray, data_sectors: int) -> None:
-        """Load index-file entries (an (N, 2) u64 array, file order), later entries winning."""
+    def _replay(self, raw: np.ndarray) -> None:
+        """Load index-file entries (an (N, 2) u64 array, file order), later entries winning.
+
+        The entries are checked (`_check_entries`) and the lost tail is cut off
+        (`_drop_lost_tail`): every data entry left names sectors inside the data file.
+        """
         w0, w1 = raw[:, 0], raw[:, 1]
         offset = w0 & np.uint64(INVALID_OFFSET)
         length = w0 >> np.uint64(50)
@@ -298,7 +372,6 @@ class WritableLayer:
         keep = valid & ~empty
         offset, length = offset[keep], length[keep]
         mapping = w1[keep] & np.uint64(MOFFSET_MASK | ZEROED_BIT)  # tags reset to 0
-        self._check_replayed(offset, length, mapping, data_sectors)
 
         # Fast path: when no two entries overlap, file order does not matter.
         order = np.argsort(offset, kind="stable")
@@ -310,26 +383,6 @@ class WritableLayer:
 
         for o, n, m in zip(offset.tolist(), length.tolist(), mapping.tolist(), strict=True):
             self._insert(o, n, m)
-
-    def _check_replayed(
-        self, offset: np.ndarray, length: np.ndarray, mapping: np.ndarray, data_sectors: int
-    ) -> None:
-        moffset = mapping & np.uint64(MOFFSET_MASK)
-        zeroed = (mapping & np.uint64(ZEROED_BIT)) != 0
-        beyond = offset + length > np.uint64(-(-self.virtual_size // ALIGNMENT))
-        data_bad = ~zeroed & (
-            (moffset < np.uint64(FIRST_DATA_SECTOR)) | (moffset + length > np.uint64(data_sectors))
-        )
-        bad = np.flatnonzero(beyond | data_bad)
-        if len(bad):
-            i = int(bad[0])
-            raise CorruptFileError(
-                f"{self.index_path}: index entry for sectors [{int(offset[i])}, "
-                f"{int(offset[i] + length[i])}) maps data sectors [{int(moffset[i])}, "
-                f"{int(moffset[i] + length[i])}), outside the data file's "
-                f"[{FIRST_DATA_SECTOR}, {data_sectors}) or the virtual disk; the data file "
-                "lost writes the index still names (a crash before a flush?)"
-            )
 
     # The visible mappings --------------------------------------------------------------
 
@@ -372,30 +425,9 @@ class WritableLayer:
         mappings[offset] = (length, mapping)
         self._index_cache = None
 
-    def _insert_pieces(
-        self, offset: int, count: int, piece: int, moffset: int | None, zeroed: bool = False
-    ) -> list[tuple[int, int, int]]:
-        """Insert [offset, offset + count) as pieces of at most `piece` sectors.
-
-        Data pieces map to consecutive sectors from `moffset` (None: the sparse identity
-        mapping); zeroed pieces all get `moffset`. Returns the (offset, length, w1) entries.
-        """
-        entries = []
-        done = 0
-        while done < count:
-            length = min(piece, count - done)
-            if moffset is None:
-                mapping = FIRST_DATA_SECTOR + offset + done
-            elif zeroed:
-                mapping = moffset
-            else:
-                mapping = moffset + done
-            if zeroed:
-                mapping |= ZEROED_BIT
-            self._insert(offset + done, length, mapping)
-            entries.append((offset + done, length, mapping))
-            done += length
-        return entries
+    def _insert_all(self, entries: list[tuple[int, int, int]]) -> None:
+        for offset, length, mapping in entries:
+            self._insert(offset, length, mapping)
 
     @property
     def index(self) -> SegmentIndex:
@@ -411,8 +443,13 @@ class WritableLayer:
                 self._index_cache = cached
             return cached
 
-    def _segments(self, first: int, count: int) -> list[tuple[int, int, int, bool]]:
-        """The visible mappings overlapping sectors [first, first + count), as tuples."""
+    def lookup(self, first: int, count: int) -> list[tuple[int, int, int, bool]]:
+        """The visible mappings overlapping sectors [first, first + count), sorted by offset.
+
+        Each is ``(offset, length, moffset, zeroed)`` in sectors, whole (not cut to the
+        range): a read of n sectors costs O(log entries + mappings it meets), where `index`
+        costs O(entries) after every write. Gaps between them are unmapped.
+        """
         with self._lock:
             segments = []
             for start in self._overlapping(first, first + count):
@@ -454,7 +491,7 @@ class WritableLayer:
 
         first = offset >> SECTOR_SHIFT
         count = -(-length // ALIGNMENT)
-        data = assemble_sectors(self._segments(first, count), self.read_data, first, count)
+        data = assemble_sectors(self.lookup(first, count), self.read_data, first, count)
         return data[:length]
 
     # Writing ---------------------------------------------------------------------------
@@ -474,14 +511,17 @@ class WritableLayer:
         with self._lock:
             if self.sparse:
                 _pwrite_full(self._data_fd, data, HT_SPACE + offset)
-                self._insert_pieces(first, count, WRITE_PIECE_SECTORS, None)
+                self._insert_all(_pieces(first, count, WRITE_PIECE_SECTORS, None))
             else:
-                # Data first, then the entries that name it.
+                # Data first, then the entries that name it, then the visible map: an entry
+                # on disk never names data that was not written before it (the durability
+                # contract), and a failed append leaves the map as the files are.
                 moffset = self._data_end >> SECTOR_SHIFT
                 _pwrite_full(self._data_fd, data, self._data_end)
                 self._data_end += length
-                entries = self._insert_pieces(first, count, WRITE_PIECE_SECTORS, moffset)
+                entries = _pieces(first, count, WRITE_PIECE_SECTORS, moffset)
                 self._append_entries(entries)
+                self._insert_all(entries)
 
         if recorder is not None:
             recorder.emit("lsmt", "write", self.name, offset, length, start_ns, length)
@@ -503,14 +543,16 @@ class WritableLayer:
                 moffset = FIRST_DATA_SECTOR + first
             else:
                 moffset = self._data_end >> SECTOR_SHIFT
-            entries = self._insert_pieces(first, count, MAX_SEGMENT_LENGTH, moffset, zeroed=True)
+            entries = _pieces(first, count, MAX_SEGMENT_LENGTH, moffset, zeroed=True)
             if not self.sparse:
                 self._append_entries(entries)
+            self._insert_all(entries)
 
         if recorder is not None:
             recorder.emit("lsmt", "trim", self.name, offset, length, start_ns, 0)
 
     def _check_writable(self, offset: int, length: int, what: str) -> None:
+        self._check_not_readonly(what)
         if self._sealed:
             raise ReadOnlyError(f"{self.name}: the layer is sealed; {what} refused")
         if self._data_fd < 0:
@@ -522,13 +564,26 @@ class WritableLayer:
                 f"virtual disk ({self.virtual_size} bytes)"
             )
 
+    def _check_not_readonly(self, what: str) -> None:
+        if self._readonly:
+            raise ReadOnlyError(
+                f"{self.name}: the layer was opened read-only; {what} refused; open it with "
+                "WritableLayer.open(data, index) (readonly=False) to change it"
+            )
+
     def _append_entries(self, entries: list[tuple[int, int, int]]) -> None:
         payload = b"".join(_ENTRY.pack(offset | length << 50, w1) for offset, length, w1 in entries)
         _pwrite_full(self._index_fd, payload, self._index_end)
         self._index_end += len(payload)
 
     def flush(self) -> None:
-        """Make every write so far durable: fsync the data file, then the index file."""
+        """Make every write so far durable: fsync the data file, then the index file.
+
+        The order is the durability contract: an index entry that reaches the disk through
+        this flush names data that reached it first. Nothing to do for a read-only layer.
+        """
+        if self._readonly:
+            return
         os.fsync(self._data_fd)
         if self._index_fd >= 0:
             os.fsync(self._index_fd)
@@ -543,6 +598,7 @@ class WritableLayer:
         """
         if self._sealed:
             return
+        self._check_not_readonly("seal")
         index = self.index
         with self._lock:
             index_offset = self._data_end
@@ -648,10 +704,13 @@ def _read_data_header(fd: int, path: Path) -> LsmtHeader:
     return header
 
 
-def _read_index_file(fd: int, path: Path, data_header: LsmtHeader) -> tuple[int, np.ndarray]:
+def _read_index_file(
+    fd: int, path: Path, data_header: LsmtHeader, readonly: bool = False
+) -> tuple[int, np.ndarray]:
     """The entries of an index file, as (file offset of the first entry, (N, 2) array).
 
-    A partial entry at the end is dropped (with a WARNING) and cut off the file.
+    A partial entry at the end is dropped (with a WARNING) and, unless `readonly`, cut off
+    the file.
     """
     header = LsmtHeader.unpack(os.pread(fd, HT_SPACE, 0), str(path), 0)
     if not header.is_header or header.is_data_file:
@@ -679,17 +738,107 @@ def _read_index_file(fd: int, path: Path, data_header: LsmtHeader) -> tuple[int,
         complete = size - torn
         log.warning(
             "%s: dropped a partial index entry of %d bytes at offset %d (a write torn by "
-            "a crash); the file is cut back to %d bytes",
+            "a crash); %s",
             path,
             torn,
             complete,
-            complete,
+            "read-only, the file is left as it is"
+            if readonly
+            else f"the file is cut back to {complete} bytes",
         )
-        os.ftruncate(fd, complete)
+        if not readonly:
+            os.ftruncate(fd, complete)
         size = complete
 
     raw = _pread_full(fd, start, size - start)
     return start, SegmentIndex.parse_raw(raw).copy()
+
+
+def _check_entries(raw: np.ndarray, virtual_size: int, path: Path, entries_at: int) -> None:
+    """Refuse entries no crash can produce: data inside the header, or past the disk.
+
+    Checked over every entry, the lost tail included: a crash loses appends, it does not
+    write entries that were never written.
+    """
+    w0, w1 = raw[:, 0], raw[:, 1]
+    offset = w0 & np.uint64(INVALID_OFFSET)
+    length = w0 >> np.uint64(50)
+    moffset = w1 & np.uint64(MOFFSET_MASK)
+    zeroed = (w1 & np.uint64(ZEROED_BIT)) != 0
+    mapped = (offset != np.uint64(INVALID_OFFSET)) & (length != 0)
+
+    disk_sectors = -(-virtual_size // ALIGNMENT)
+    beyond = offset + length > np.uint64(disk_sectors)
+    in_header = ~zeroed & (moffset < np.uint64(FIRST_DATA_SECTOR))
+    bad = np.flatnonzero(mapped & (beyond | in_header))
+    if len(bad):
+        i = int(bad[0])
+        raise CorruptFileError(
+            f"{path}: index entry at offset {entries_at + i * ENTRY_SIZE} for sectors "
+            f" [{int(offset[i])}, {int(offset[i] + length[i])}) maps data sectors "
+            f"[{int(moffset[i])}, {int(moffset[i] + length[i])}); data starts at sector "
+            f"{FIRST_DATA_SECTOR} (after the header) and the virtual disk has {disk_sectors} "
+            "sectors; the index file is damaged or belongs to another layer"
+        )
+
+
+def _drop_lost_tail(raw: np.ndarray, data_sectors: int, path: Path, entries_at: int) -> np.ndarray:
+    """`raw` up to its first data entry that maps sectors past `data_sectors`.
+
+    Such an entry reached the index file while its data never reached the data file: a
+    crash before any flush that would have acknowledged it. Data is appended in write order,
+    so the entries after it were not acknowledged either; dropping them all keeps the layer
+    equal to a prefix of its writes. One WARNING names how many and where they start.
+    """
+    w0, w1 = raw[:, 0], raw[:, 1]
+    valid = (w0 & np.uint64(INVALID_OFFSET)) != np.uint64(INVALID_OFFSET)
+    data = valid & ((w1 & np.uint64(ZEROED_BIT)) == 0)
+    moffset = w1 & np.uint64(MOFFSET_MASK)
+    past_end = data & (moffset + (w0 >> np.uint64(50)) > np.uint64(data_sectors))
+    lost = np.flatnonzero(past_end)
+    if len(lost) == 0:
+        return raw
+
+    cut = int(lost[0])
+    first_moffset = int(moffset[cut])
+    log.warning(
+        "%s: dropped %d index entries from offset %d on (%d naming data past the data "
+        "file's end): the first maps data sectors [%d, %d), the data file has %d; writes "
+        "lost in a crash before a flush, the older contents of their ranges stay visible",
+        path,
+        len(raw) - cut,
+        entries_at + cut * ENTRY_SIZE,
+        len(lost),
+        first_moffset,
+        first_moffset + int(w0[cut] >> np.uint64(50)),
+        data_sectors,
+    )
+    return raw[:cut]
+
+
+def _pieces(
+    offset: int, count: int, piece: int, moffset: int | None, zeroed: bool = False
+) -> list[tuple[int, int, int]]:
+    """Entries (offset, length, w1) for [offset, offset + count) in pieces of `piece` sectors.
+
+    Data pieces map to consecutive sectors from `moffset` (None: the sparse identity
+    mapping); zeroed pieces all get `moffset`.
+    """
+    entries = []
+    done = 0
+    while done < count:
+        length = min(piece, count - done)
+        if moffset is None:
+            mapping = FIRST_DATA_SECTOR + offset + done
+        elif zeroed:
+            mapping = moffset
+        else:
+            mapping = moffset + done
+        if zeroed:
+            mapping |= ZEROED_BIT
+        entries.append((offset + done, length, mapping))
+        done += length
+    return entries
 
 
 def _data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
