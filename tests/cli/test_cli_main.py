@@ -61,8 +61,8 @@ def test_inspect_reports_bad_input_as_one_line(tmp_path: Path) -> None:
 
     result = run("inspect", bogus)
 
-    assert result.exit_code == 2
-    assert result.output.startswith("workbench: error: ")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ")
     assert "bogus.zfile" in result.output
     assert "Traceback" not in result.output
 

@@ -1,14 +1,13 @@
 """The `workbench` command: OverlayBD's tools, an inspector, benchmarks and the demo.
 
 Each group lives in its own module; this one only assembles them. Errors of the workbench's own
-hierarchy are printed as one line (no traceback) with exit code 2, since they describe bad input
-rather than a bug.
+hierarchy are printed as one line, "Error: ..." with exit code 1 as click prints its own, and no
+traceback: they describe bad input, not a bug.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
 
@@ -21,8 +20,7 @@ class _Workbench(click.Group):
         try:
             return super().invoke(ctx)
         except WorkbenchError as exc:
-            click.echo(f"workbench: error: {exc}", err=True)
-            sys.exit(2)
+            raise click.ClickException(str(exc)) from exc
 
 
 @click.group(cls=_Workbench, context_settings={"help_option_names": ["-h", "--help"]})

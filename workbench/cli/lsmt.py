@@ -174,8 +174,10 @@ def commit(
     """
     _check_output(out, force)
 
+    # Committing only reads the layer: open it read-only so that nothing (not even the
+    # repair of a torn index tail) changes the input.
     def action():
-        with WritableLayer.open(data, index if index.exists() else None) as layer:
+        with WritableLayer.open(data, index if index.exists() else None, readonly=True) as layer:
             return commit_writable(
                 layer,
                 out,
