@@ -7,8 +7,11 @@ top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
 
 # Debian packages the workbench and its tests use. python3-venv gives `python3 -m venv`;
-# e2fsprogs makes and checks the ext4 file systems inside images; tar and gzip read OCI layers.
-apt_packages=(python3 python3-venv python3-dev gcc e2fsprogs tar gzip)
+# e2fsprogs makes and checks the ext4 file systems inside images; tar and gzip read OCI layers;
+# gcc, python3-dev, liblz4-dev, libzstd-dev and pkg-config build the native ZFile decoder
+# (optional: without them the install goes on and the pure-Python reader is used).
+apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
+    tar gzip)
 
 missing=()
 for package in "${apt_packages[@]}"; do
@@ -25,13 +28,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The virtual environment, reinstalled only when pyproject.toml changes.
+# The virtual environment, reinstalled when pyproject.toml, setup.py or the C source change
+# (the reinstall rebuilds the native extension).
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.workbench-installed
-wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+wanted=$(cat pyproject.toml setup.py workbench/formats/_zfile_native.c | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
     echo "setup: installing the workbench and its dependencies into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip

@@ -7,11 +7,14 @@ import itertools
 import random
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import TESTDATA, needs_testdata
+from samples import make_zfile, sample_data
 
 from workbench.blobs.common import BytesFile
 from workbench.errors import (
@@ -24,11 +27,6 @@ from workbench.formats import zfile
 from workbench.formats.checksum import crc32c_raw
 from workbench.formats.zfile import ZFileHeader, ZFileReader, ZFileWriter, is_zfile
 from workbench.tracing import recording
-
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
-needs_testdata = pytest.mark.skipif(
-    not TESTDATA.is_dir(), reason=f"OverlayBD reference files not found at {TESTDATA}"
-)
 
 REFERENCE_ZFILES = [
     "layer1.commit-z.lz4.zfile",
@@ -50,31 +48,24 @@ REFERENCE_ZFILES = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True, params=["native", "python"])
+def block_loop(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs through the C block loop (when built) and through the Python one.
+
+    Module scope: hypothesis refuses function-scoped fixtures around its examples.
+    """
+    if request.param == "native" and zfile.native is None:
+        pytest.skip("native ZFile decoder not built or WORKBENCH_PURE_PYTHON set")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "python":
+            patch.setattr(zfile, "native", None)
+        yield request.param
+
+
 def original_of(name: str) -> Path:
     if name.startswith("src/text.bin"):
         return TESTDATA / "src" / "text.bin"
     return TESTDATA / (name.split(".")[0] + ".lsmt")
-
-
-def make_zfile(data: bytes, **options: object) -> bytes:
-    out = io.BytesIO()
-    writer = ZFileWriter(out, **options)  # type: ignore[arg-type]
-    writer.write(data)
-    writer.close()
-    return out.getvalue()
-
-
-def sample_data(size: int, seed: int = 1) -> bytes:
-    """Half compressible text, half random bytes, so blocks both shrink and grow."""
-    rng = random.Random(seed)
-    text = b"the quick brown fox jumps over the lazy dog %d\n"
-    out = bytearray()
-    while len(out) < size:
-        if rng.random() < 0.5:
-            out += text % rng.randrange(1000) * 20
-        else:
-            out += rng.randbytes(3000)
-    return bytes(out[:size])
 
 
 def trailer_of(blob: bytes) -> ZFileHeader:

@@ -56,12 +56,23 @@ Reading (`ZFileReader`)
     blocks it needs, checks each block's CRC, decompresses only those blocks and returns the
     requested slice.
 
+    The per-block loop runs in C when the optional extension `_zfile_native` is built (see
+    setup.py): it checks the CRCs with the CPU's CRC32C instruction, decompresses with the
+    system liblz4/libzstd straight into the returned bytes, and releases the GIL. The
+    pure-Python loop stays as the fallback and is always used while tracing records (it
+    emits one event per block). `WORKBENCH_PURE_PYTHON=1` in the environment, or setting the
+    module attribute `native` to None, forces the Python loop.
+
 Caveats:
 - dictionaries and mini-LZO (algo 0) are refused with `UnsupportedFormatError`; no writer
   produces them;
 - the jump table is kept as a Python list of block starts for cheap scalar access: about
   36 bytes per block (36 MiB for a 4 GiB layer at 4 KiB blocks), more than OverlayBD's
   compact u64 + u16 table;
+- the native and the Python loop may word a decompression failure differently (library
+  messages differ, and the native one bounds the last block at its exact size, so an
+  overlong last block is "does not decompress" instead of "decompresses to N bytes"); both
+  raise `CorruptFileError` naming the block and its offset;
 - a CRC mismatch is raised at once: there is no re-fetch here; a cache below that can evict
   and re-fetch is the place for retries (OverlayBD retries three times);
 - our compressed bytes need not equal OverlayBD's: it bundles lz4 1.8.x and the system
@@ -79,6 +90,7 @@ import struct
 import sys
 import threading
 import time
+import types
 from array import array
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Final, Literal
@@ -175,6 +187,29 @@ assert _HEADER.size == HEADER_STRUCT_SIZE
 _DIGEST_FIELD: Final = slice(28, 32)
 _U32 = struct.Struct("<I")
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
+
+
+def _load_native() -> types.ModuleType | None:
+    """The native decoder, or None when it is not built or WORKBENCH_PURE_PYTHON is set."""
+    if os.environ.get("WORKBENCH_PURE_PYTHON", "") not in ("", "0"):
+        log.debug("zfile: pure-Python block loop (WORKBENCH_PURE_PYTHON is set)")
+        return None
+    try:
+        from workbench.formats import _zfile_native
+    except ImportError as exc:
+        log.debug("zfile: pure-Python block loop (native decoder not built: %s)", exc)
+        return None
+    log.debug(
+        "zfile: native block loop (crc32c %s, lz4 %s, zstd %s)",
+        _zfile_native.CRC32C_IMPLEMENTATION,
+        _zfile_native.LZ4_VERSION,
+        _zfile_native.ZSTD_VERSION,
+    )
+    return _zfile_native
+
+
+native: types.ModuleType | None = _load_native()
+"""The native decoder module (`_zfile_native`), or None to use the pure-Python loop."""
 
 
 def _max_stored_length(block_size: int, verify: bool) -> int:
@@ -402,6 +437,8 @@ class ZFileReader:
         self._size: int = self.descriptor.original_file_size
         self._tail = self._size - (self.block_count - 1) * self.block_size
         self._local = threading.local()
+        self._crc_size = CRC_SIZE if self.verify else 0
+        self._jump_view = memoryview(self.jump_table)
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -533,11 +570,10 @@ class ZFileReader:
         block_size = self.block_size
         first = offset // block_size
         last = (end - 1) // block_size
-        bounds = self._starts[first : last + 2]
-        base = bounds[0]
+        base = self._starts[first]
 
         # One contiguous fetch covers every block the read needs.
-        wanted = bounds[-1] - base
+        wanted = self._starts[last + 1] - base
         raw = self.source.pread(base, wanted)
         if len(raw) != wanted:
             raise CorruptFileError(
@@ -545,10 +581,13 @@ class ZFileReader:
                 f"{wanted} bytes, got {len(raw)} (source size {self.source.size}); "
                 "the file was cut short"
             )
-        parts = self._decode_blocks(raw, bounds, first, recorder)
+        head = offset - first * block_size
+        decoder = native
+        if decoder is not None and recorder is None:
+            return self._read_native(decoder, raw, first, last, head, end - offset)
 
         # Trim the first and last blocks to the requested range; join copies once.
-        head = offset - first * block_size
+        parts = self._decode_blocks(raw, self._starts[first : last + 2], first, recorder)
         stop = end - last * block_size
         if first == last:
             data = parts[0] if head == 0 and stop == len(parts[0]) else parts[0][head:stop]
@@ -562,6 +601,43 @@ class ZFileReader:
         if recorder is not None:
             recorder.emit("zfile", "read", self.name, offset, length, start_ns, len(data))
         return data
+
+    def _read_native(
+        self, decoder: types.ModuleType, raw: bytes, first: int, last: int, head: int, length: int
+    ) -> bytes:
+        """`length` bytes from `head` bytes into block `first`, decoded by the C loop."""
+        last_size = self._tail if last == self.block_count - 1 else self.block_size
+        result = decoder.read_range(
+            raw,
+            self._jump_view[first : last + 2],
+            self.block_size,
+            last_size,
+            self.descriptor.algo,
+            self._crc_size,
+            self.check_crc,
+            head,
+            length,
+        )
+        if type(result) is bytes:
+            return result
+        raise self._native_error(result, raw, first)
+
+    def _native_error(
+        self, failure: tuple[int, str, int, int, object], raw: bytes, first: int
+    ) -> FormatError:
+        """The error the Python loop raises for the bad block the C loop reported."""
+        position, kind, stored, _computed, detail = failure
+        block = first + position
+        base = self._starts[first]
+        start = self._starts[block]
+        if kind == "crc":
+            payload = memoryview(raw)[start - base : self._starts[block + 1] - base - CRC_SIZE]
+            return self._crc_error(block, start, payload, stored)
+        if kind == "length":
+            expected = self._tail if block == self.block_count - 1 else self.block_size
+            rule = f"decompresses to {detail} bytes, not {expected}"
+            return self._block_error(block, start, rule)
+        return self._block_error(block, start, f"does not decompress: {detail}")
 
     def _decode_blocks(
         self, raw: bytes, bounds: list[int], first: int, recorder: trace.Recorder | None
