@@ -7,18 +7,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from reference import TESTDATA, needs_testdata
 
 from workbench.cli.lsmt import lsmt
 from workbench.formats.lsmt import HT_SPACE, LsmtHeader
 from workbench.image.layer import ReadOnlyLayer
 from workbench.image.writable import WritableLayer
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
 MiB = 1 << 20
-
-needs_testdata = pytest.mark.skipif(
-    not (TESTDATA / "manifest.json").exists(), reason=f"OverlayBD testdata absent at {TESTDATA}"
-)
 
 
 def run(*args: object) -> object:

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from reference import TESTDATA, needs_testdata
 
 from workbench.cli import cli
 from workbench.formats.zfile import compress
-
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
-needs_testdata = pytest.mark.skipif(not TESTDATA.is_dir(), reason="shared/testdata is absent")
 
 
 def run(*args: object):

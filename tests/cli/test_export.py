@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from reference import TESTDATA, chunk_hashes, needs_testdata
 
 from workbench.cli.image import export
 from workbench.errors import ImageConfigError
 from workbench.image.layer import ReadOnlyLayer
 from workbench.image.writable import WritableLayer
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(
-    not TESTDATA.is_dir(), reason=f"OverlayBD reference files not found at {TESTDATA}"
-)
+pytestmark = needs_testdata
 
 
 @pytest.fixture
@@ -29,11 +26,6 @@ def config(tmp_path: Path) -> Path:
     lowers = [{"file": str(TESTDATA / "layer1.lsmt")}, {"file": str(TESTDATA / "layer2.lsmt")}]
     path.write_text(json.dumps({"repoBlobUrl": "", "lowers": lowers, "upper": {}}))
     return path
-
-
-def chunk_hashes(path: Path) -> list[str]:
-    data = path.read_bytes()
-    return [hashlib.sha256(data[i : i + MiB]).hexdigest() for i in range(0, len(data), MiB)]
 
 
 @pytest.mark.parametrize("sparse", ["--sparse", "--no-sparse"])
@@ -45,7 +37,10 @@ def test_export_writes_the_merged_disk(config: Path, tmp_path: Path, sparse: str
 
     assert result.exit_code == 0, result.output
     assert out.stat().st_size == manifest["virtual_size"]
-    assert chunk_hashes(out) == manifest["expected"]["merged_layer1_layer2"]["chunk_sha256"]
+    assert (
+        chunk_hashes(out.read_bytes())
+        == manifest["expected"]["merged_layer1_layer2"]["chunk_sha256"]
+    )
     assert not (tmp_path / "disk.img.tmp").exists()
 
 

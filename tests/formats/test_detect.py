@@ -6,17 +6,13 @@ import io
 from pathlib import Path
 
 import pytest
+from reference import TESTDATA, needs_testdata
 
 from workbench.blobs.common import BytesFile
 from workbench.errors import ChecksumError
 from workbench.formats.detect import open_blob, unwrap
 from workbench.formats.tar import TarPayload, TarWriter
 from workbench.formats.zfile import ZFileReader, ZFileWriter
-
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
-needs_testdata = pytest.mark.skipif(
-    not TESTDATA.is_dir(), reason=f"OverlayBD reference files not found at {TESTDATA}"
-)
 
 
 def tar_wrapped_zfile(payload: bytes, **options: object) -> bytes:

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import TESTDATA, needs_testdata
 
 from workbench.blobs import BytesFile
 from workbench.errors import CorruptFileError, FormatError, WorkbenchError
 from workbench.formats import lsmt
 from workbench.formats.lsmt import LsmtHeader, SegmentIndex, normalize_uuid
 from workbench.image.layer import ReadOnlyLayer
-
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
-needs_testdata = pytest.mark.skipif(not TESTDATA.is_dir(), reason="shared/testdata is absent")
-
 
 # ---------------------------------------------------------------------------------------------
 # Header and UUIDs

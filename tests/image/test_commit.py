@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import TESTDATA, needs_testdata
 
 from workbench.errors import FormatError
 from workbench.formats.lsmt import HT_SPACE, LsmtHeader, SegmentIndex
@@ -20,12 +21,7 @@ from workbench.image.commit import commit_writable, compact, import_raw, merge_n
 from workbench.image.layer import ReadOnlyLayer
 from workbench.image.writable import WritableLayer
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
 KiB, MiB = 1 << 10, 1 << 20
-
-needs_testdata = pytest.mark.skipif(
-    not (TESTDATA / "manifest.json").exists(), reason=f"OverlayBD testdata absent at {TESTDATA}"
-)
 
 
 def layer_info(number: int) -> dict:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import TESTDATA, expected_disk, manifest, needs_testdata
 
 from workbench.blobs.common import BytesFile
 from workbench.errors import AlignmentError, CorruptFileError, FormatError
@@ -16,33 +15,7 @@ from workbench.formats.lsmt import HT_SPACE, SegmentIndex
 from workbench.image.layer import ReadOnlyLayer
 from workbench.tracing import recording
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
 MiB = 1 << 20
-
-needs_testdata = pytest.mark.skipif(
-    not (TESTDATA / "manifest.json").exists(), reason=f"OverlayBD testdata absent at {TESTDATA}"
-)
-
-
-def manifest() -> dict:
-    return json.loads((TESTDATA / "manifest.json").read_text())
-
-
-def expected_disk(layer_number: int) -> tuple[bytearray, np.ndarray]:
-    """The disk one layer alone reads as (its manifest ops on zeros) and its mapped sectors."""
-    info = manifest()
-    disk = bytearray(info["virtual_size"])
-    mapped = np.zeros(info["virtual_size"] // 512, bool)
-    for op in info["layers"][layer_number - 1]["ops"]:
-        start, length = op["offset"], op["length"]
-        if op["op"] == "write":
-            with open(TESTDATA / op["src"], "rb") as src:
-                src.seek(op["src_offset"])
-                disk[start : start + length] = src.read(length)
-        else:
-            disk[start : start + length] = bytes(length)
-        mapped[start // 512 : (start + length) // 512] = True
-    return disk, mapped
 
 
 def mapped_sectors(index: SegmentIndex, sectors: int) -> np.ndarray:

@@ -5,20 +5,14 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import TESTDATA, needs_testdata
 
 from workbench.formats.lsmt import HT_SPACE, LsmtHeader, SegmentIndex
 from workbench.image.merge import clip, merge_indexes, overlay
-
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
-needs_testdata = pytest.mark.skipif(
-    not TESTDATA.is_dir(), reason=f"OverlayBD reference files not found at {TESTDATA}"
-)
 
 SEGMENT_LINE = re.compile(r"seg off=(\d+) len=(\d+) moff=(\d+) zeroed=([01]) tag=(\d+)")
 

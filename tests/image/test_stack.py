@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import TESTDATA, needs_testdata
+from reference import manifest as load_manifest
 
 from workbench.errors import AlignmentError, ImageConfigError, LayerStackError, ReadOnlyError
 from workbench.formats.lsmt import NULL_UUID, LsmtHeader, SegmentIndex
@@ -19,21 +21,16 @@ from workbench.image.stack import LayerStack
 from workbench.image.writable import WritableLayer
 from workbench.tracing import recording
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
-needs_testdata = pytest.mark.skipif(
-    not TESTDATA.is_dir(), reason=f"OverlayBD reference files not found at {TESTDATA}"
-)
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def manifest() -> dict:
-    if not TESTDATA.is_dir():
-        pytest.skip(f"OverlayBD reference files not found at {TESTDATA}")
-    return json.loads((TESTDATA / "manifest.json").read_text())
+    return load_manifest()
 
 
-def chunk_hashes(stack: LayerStack) -> list[str]:
+def stack_hashes(stack: LayerStack) -> list[str]:
+    """The manifest's chunk hashes of a stack, read 1 MiB at a time through `pread`."""
     assert stack.size % MiB == 0
     return [hashlib.sha256(stack.pread(i * MiB, MiB)).hexdigest() for i in range(stack.size // MiB)]
 
@@ -60,7 +57,7 @@ VARIANTS = [
 def test_two_layer_stack_reads_back_to_the_manifest(manifest: dict, lower: str, upper: str) -> None:
     with open_stack(lower, upper) as stack:
         assert stack.size == manifest["virtual_size"]
-        assert chunk_hashes(stack) == manifest["expected"]["merged_layer1_layer2"]["chunk_sha256"]
+        assert stack_hashes(stack) == manifest["expected"]["merged_layer1_layer2"]["chunk_sha256"]
 
 
 @needs_testdata
@@ -69,14 +66,14 @@ def test_two_layer_stack_reads_back_to_the_manifest(manifest: dict, lower: str, 
 )
 def test_layer1_alone_reads_back_to_the_manifest(manifest: dict, name: str) -> None:
     with open_stack(name) as stack:
-        assert chunk_hashes(stack) == manifest["expected"]["layer1_only"]["chunk_sha256"]
+        assert stack_hashes(stack) == manifest["expected"]["layer1_only"]["chunk_sha256"]
 
 
 @needs_testdata
 @pytest.mark.parametrize("name", ["merged12.lsmt", "merged12.zfile"])
 def test_merged_layer_equals_the_two_layer_stack(manifest: dict, name: str) -> None:
     with open_stack(name) as stack:
-        assert chunk_hashes(stack) == manifest["expected"]["merged_layer1_layer2"]["chunk_sha256"]
+        assert stack_hashes(stack) == manifest["expected"]["merged_layer1_layer2"]["chunk_sha256"]
 
 
 @needs_testdata
@@ -317,7 +314,7 @@ def test_open_image_from_a_config(tmp_path: Path, manifest: dict) -> None:
     )
     with open_image(path, report_result=True) as stack:
         assert not stack.writable
-        assert chunk_hashes(stack) == manifest["expected"]["merged_layer1_layer2"]["chunk_sha256"]
+        assert stack_hashes(stack) == manifest["expected"]["merged_layer1_layer2"]["chunk_sha256"]
     assert (tmp_path / "result.txt").read_text() == "success"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import TESTDATA, expected_disk, needs_testdata
 
 from workbench.errors import AlignmentError, CorruptFileError, FormatError, ReadOnlyError
 from workbench.formats.lsmt import HT_SPACE, INVALID_OFFSET, LsmtHeader
@@ -22,29 +22,7 @@ from workbench.image.layer import ReadOnlyLayer
 from workbench.image.writable import WritableLayer
 from workbench.tracing import recording
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "overlaybd"
 KiB, MiB = 1 << 10, 1 << 20
-
-needs_testdata = pytest.mark.skipif(
-    not (TESTDATA / "manifest.json").exists(), reason=f"OverlayBD testdata absent at {TESTDATA}"
-)
-
-
-def expected_disk(layer_number: int) -> tuple[bytearray, np.ndarray]:
-    """The disk one layer alone reads as (its manifest ops on zeros) and its mapped sectors."""
-    info = json.loads((TESTDATA / "manifest.json").read_text())
-    disk = bytearray(info["virtual_size"])
-    mapped = np.zeros(info["virtual_size"] // 512, bool)
-    for op in info["layers"][layer_number - 1]["ops"]:
-        start, length = op["offset"], op["length"]
-        if op["op"] == "write":
-            with open(TESTDATA / op["src"], "rb") as src:
-                src.seek(op["src_offset"])
-                disk[start : start + length] = src.read(length)
-        else:
-            disk[start : start + length] = bytes(length)
-        mapped[start // 512 : (start + length) // 512] = True
-    return disk, mapped
 
 
 def copy_rw(tmp_path: Path, number: int) -> tuple[Path, Path]:
