@@ -65,8 +65,13 @@ class _StripHooks(ast.NodeTransformer):
         return node
 
 
-def without_tracing(module_name: str) -> tuple[types.ModuleType, int]:
+def without_tracing(module_name: str, strip: bool = True) -> tuple[types.ModuleType, int]:
     """A fresh copy of `module_name` with the tracing hooks deleted, and how many went.
+
+    With `strip=False` the copy keeps its hooks but is compiled and loaded the same way, so
+    that a benchmark compares two copies that differ only in the hooks (a module loaded by
+    `exec` can run a few percent apart from the imported original for reasons of memory
+    layout alone).
 
     Raises `RuntimeError` if the stripped module still reads the tracing module's recorder
     (a hook of another shape), since timing it would then compare the wrong things.
@@ -74,20 +79,21 @@ def without_tracing(module_name: str) -> tuple[types.ModuleType, int]:
     original = importlib.import_module(module_name)
     tree = ast.parse(inspect.getsource(original))
     stripper = _StripHooks()
-    tree = ast.fix_missing_locations(stripper.visit(tree))
+    if strip:
+        tree = ast.fix_missing_locations(stripper.visit(tree))
 
     leftover = [
         node.lineno
         for node in ast.walk(tree)
         if isinstance(node, ast.Attribute) and node.attr == "recorder"
     ]
-    if leftover:
+    if strip and leftover:
         raise RuntimeError(
             f"{module_name}: tracing hooks of an unknown shape remain at lines {leftover}"
         )
 
-    copy = types.ModuleType(f"{module_name}_untraced")
+    copy = types.ModuleType(f"{module_name}_{'untraced' if strip else 'copy'}")
     copy.__dict__["__file__"] = original.__file__
     sys.modules[copy.__name__] = copy
-    exec(compile(tree, f"<untraced {module_name}>", "exec"), copy.__dict__)
+    exec(compile(tree, f"<{copy.__name__}>", "exec"), copy.__dict__)
     return copy, stripper.removed
