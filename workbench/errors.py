@@ -12,12 +12,21 @@ from __future__ import annotations
 
 __all__ = [
     "AlignmentError",
+    "AuthenticationError",
+    "BlobNotFoundError",
     "ChecksumError",
     "CorruptFileError",
+    "DigestMismatchError",
     "FormatError",
     "ImageConfigError",
+    "ImageReferenceError",
     "LayerStackError",
+    "ManifestError",
+    "ManifestNotFoundError",
+    "RangeError",
     "ReadOnlyError",
+    "RegistryError",
+    "RegistryTimeoutError",
     "UnsupportedFormatError",
     "WorkbenchError",
 ]
@@ -61,3 +70,43 @@ class ReadOnlyError(WorkbenchError, PermissionError):
 
 class ImageConfigError(WorkbenchError, ValueError):
     """Raised when a config.v1.json is malformed or names layers that cannot be found."""
+
+
+# Registry errors (workbench.registry). Messages name the registry, the repository, the blob
+# digest, the byte range, the last HTTP status or exception, and the attempts made.
+
+
+class ImageReferenceError(WorkbenchError, ValueError):
+    """Raised when an image reference does not parse; the message names the broken rule."""
+
+
+class RegistryError(WorkbenchError, OSError):
+    """Raised when a registry request fails for good (after the retries it was allowed)."""
+
+
+class BlobNotFoundError(RegistryError, FileNotFoundError):
+    """Raised when the registry answers 404 for a blob."""
+
+
+class ManifestNotFoundError(RegistryError, FileNotFoundError):
+    """Raised when the registry answers 404 for a manifest (unknown tag or digest)."""
+
+
+class AuthenticationError(RegistryError, PermissionError):
+    """Raised on 401 after a token refresh, on 403, and when a token endpoint refuses."""
+
+
+class RangeError(RegistryError, ValueError):
+    """Raised for a byte range outside the blob (bad request or 416 from the registry)."""
+
+
+class RegistryTimeoutError(RegistryError, TimeoutError):
+    """Raised when a registry call runs past its total deadline."""
+
+
+class DigestMismatchError(RegistryError, ValueError):
+    """Raised when fetched bytes do not hash to the digest they were requested by."""
+
+
+class ManifestError(RegistryError, ValueError):
+    """Raised for a manifest that is malformed, unsupported, or has no matching platform."""
