@@ -9,9 +9,10 @@ cd "$top"
 # Debian packages the workbench and its tests use. python3-venv gives `python3 -m venv`;
 # e2fsprogs makes and checks the ext4 file systems inside images; tar and gzip read OCI layers;
 # gcc, python3-dev, liblz4-dev, libzstd-dev and pkg-config build the native ZFile decoder
-# (optional: without them the install goes on and the pure-Python reader is used).
+# (optional: without them the install goes on and the pure-Python reader is used);
+# docker-registry (the CNCF registry), skopeo and umoci are the real peers of the registry tests.
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
-    tar gzip)
+    tar gzip docker-registry skopeo umoci)
 
 missing=()
 for package in "${apt_packages[@]}"; do

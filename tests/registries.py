@@ -1,0 +1,208 @@
+"""Registries for tests: the embedded one, Debian's docker-registry, and helpers that seed them.
+
+    with embedded_registry(tmp_path) as url:      # "http://127.0.0.1:PORT", storage in tmp_path
+        digest = push_blob(url, "lib/x", b"data")
+        manifest_digest = push_image(url, "lib/x", "v1", [layer_tar_bytes])
+
+`docker_registry(tmp_path)` starts the CNCF distribution registry Debian packages as
+`docker-registry`, with a temporary config (filesystem storage under tmp_path, a free loopback
+port), waits until GET /v2/ answers and kills it on exit. Where the binary is absent the test is
+skipped, unless CI is set in the environment: CI must run the tests against the reference peer,
+so a missing binary fails there instead. `REGISTRIES` and the `registry_url` fixture factory let
+a test module run the same tests against both.
+
+The seeding helpers speak plain HTTP through httpx's sync client, independent of the
+workbench's own client, so that tests of that client do not seed with the code under test.
+
+Caveats:
+- the free port is found by binding port 0 and closing it; another process may take it before
+  docker-registry binds, so the start is retried on a new port a few times.
+- push_image writes OCI manifests and a minimal OCI config only (no Docker schema 2, no index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+REGISTRIES = ("embedded", "docker-registry")
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def embedded_registry(tmp_path: Path) -> Iterator[str]:
+    """The workbench's own registry over tmp_path/embedded-registry; yields its base URL."""
+    from workbench.registry.server import EmbeddedRegistry
+
+    with EmbeddedRegistry(tmp_path / "embedded-registry") as registry:
+        yield registry.url
+
+
+@contextlib.contextmanager
+def docker_registry(tmp_path: Path) -> Iterator[str]:
+    """Debian's docker-registry on a free loopback port; yields its base URL."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        message = "docker-registry is not installed (apt-get install docker-registry)"
+        if os.environ.get("CI"):
+            raise RuntimeError(message + "; CI must test against the reference registry")
+        pytest.skip(message)
+
+    workdir = tmp_path / "docker-registry"
+    workdir.mkdir(parents=True, exist_ok=True)
+    for _attempt in range(5):
+        process, url = _start_docker_registry(binary, workdir)
+        if process is not None:
+            break
+    else:
+        raise RuntimeError(f"docker-registry did not start; see {workdir / 'registry.log'}")
+
+    try:
+        yield url
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _start_docker_registry(binary: str, workdir: Path) -> tuple[subprocess.Popen | None, str]:
+    port = _free_port()
+    config = workdir / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log: {level: warn, fields: {service: registry}}\n"
+        "storage:\n"
+        f"  filesystem: {{rootdirectory: {workdir / 'data'}}}\n"
+        "  delete: {enabled: true}\n"
+        "  cache: {blobdescriptor: inmemory}\n"
+        "http:\n"
+        f"  addr: 127.0.0.1:{port}\n"
+        "health:\n"
+        "  storagedriver: {enabled: false}\n"
+    )
+    url = f"http://127.0.0.1:{port}"
+    log_file = (workdir / "registry.log").open("ab")
+    process = subprocess.Popen([binary, "serve", str(config)], stdout=log_file, stderr=log_file)
+    log_file.close()
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return None, url  # most likely lost the port race; the caller retries
+        try:
+            if httpx.get(url + "/v2/", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    process.wait(timeout=10)
+    return None, url
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_registry(kind: str, tmp_path: Path) -> Iterator[str]:
+    """One of REGISTRIES by name, for tests parametrized over both."""
+    starter = {"embedded": embedded_registry, "docker-registry": docker_registry}[kind]
+    with starter(tmp_path) as url:
+        yield url
+
+
+def push_blob(base_url: str, repo: str, data: bytes) -> str:
+    """Uploads data as one blob (POST, then PUT with the digest); returns the digest."""
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        return _push_blob(http, repo, data)
+
+
+def _push_blob(http: httpx.Client, repo: str, data: bytes) -> str:
+    digest = sha256_digest(data)
+    started = http.post(f"/v2/{repo}/blobs/uploads/")
+    _expect(started, 202)
+    location = started.headers["location"]
+    separator = "&" if "?" in location else "?"
+    finished = http.put(
+        location + f"{separator}digest={digest}",
+        content=data,
+        headers={"content-type": "application/octet-stream"},
+    )
+    _expect(finished, 201)
+    return digest
+
+
+def push_image(
+    base_url: str,
+    repo: str,
+    tag: str,
+    layers: list[bytes],
+    config: dict | None = None,
+) -> str:
+    """Pushes the layers (as uncompressed OCI tar layers), a config and an OCI manifest.
+
+    Returns the manifest digest. The default config is a minimal linux/amd64 one whose
+    diff_ids are the layer digests (right for uncompressed layers).
+    """
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        return _push_image(http, repo, tag, layers, config)
+
+
+def _push_image(
+    http: httpx.Client, repo: str, tag: str, layers: list[bytes], config: dict | None
+) -> str:
+    layer_digests = [_push_blob(http, repo, layer) for layer in layers]
+    if config is None:
+        config = {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": layer_digests},
+        }
+    config_bytes = json.dumps(config, sort_keys=True).encode()
+    config_digest = _push_blob(http, repo, config_bytes)
+
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
+        "layers": [
+            {"mediaType": OCI_LAYER, "digest": digest, "size": len(layer)}
+            for digest, layer in zip(layer_digests, layers, strict=True)
+        ],
+    }
+    manifest_bytes = json.dumps(manifest, indent=2).encode()
+    response = http.put(
+        f"/v2/{repo}/manifests/{tag}",
+        content=manifest_bytes,
+        headers={"content-type": OCI_MANIFEST},
+    )
+    _expect(response, 201)
+    return sha256_digest(manifest_bytes)
+
+
+def _expect(response: httpx.Response, status: int) -> None:
+    if response.status_code != status:
+        raise AssertionError(
+            f"{response.request.method} {response.request.url} answered "
+            f"{response.status_code}, expected {status}: {response.text[:500]}"
+        )
