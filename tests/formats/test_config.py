@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from workbench.errors import ImageConfigError, UnsupportedFormatError
-from workbench.formats import config as config_module
+from workbench.errors import ImageConfigError
 from workbench.formats.config import (
     DownloadConfig,
     ImageConfig,
     LowerConfig,
+    RemoteBlob,
     UpperConfig,
     load,
     loads,
@@ -211,19 +211,15 @@ def test_missing_file_falls_back_to_dir(tmp_path: Path) -> None:
     assert ImageConfig(lowers=[lower]).resolve_lower(0) == tmp_path / "overlaybd.commit"
 
 
-def test_remote_lower_needs_the_registry_reader(tmp_path: Path) -> None:
+def test_a_lower_found_nowhere_locally_is_a_remote_blob(tmp_path: Path) -> None:
     config = loads(json.dumps(SNAPSHOTTER_CONFIG))
-    assert config.blob_url(config.lowers[0]).endswith("/redis/blobs/sha256:" + "a" * 64)
-    with pytest.raises(UnsupportedFormatError, match=r"registry reader, which is not built yet"):
-        config.resolve_lower(0)
 
+    remote = config.resolve_lower(0)
 
-def test_remote_hook_can_be_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = loads(json.dumps(SNAPSHOTTER_CONFIG))
-    monkeypatch.setattr(
-        config_module, "resolve_remote_lower", lambda cfg, lower: cfg.blob_url(lower)
-    )
-    assert config.resolve_lower(0) == config.blob_url(config.lowers[0])
+    assert isinstance(remote, RemoteBlob)
+    assert remote.digest == "sha256:" + "a" * 64
+    assert remote.url == config.blob_url(config.lowers[0])
+    assert remote.url.endswith("/redis/blobs/sha256:" + "a" * 64)
 
 
 def test_lower_found_nowhere_lists_what_was_tried(tmp_path: Path) -> None:

@@ -41,13 +41,17 @@ def cli(verbose: int) -> None:
 
 def _register() -> None:
     from workbench.cli.bench import bench
+    from workbench.cli.blob import blob
+    from workbench.cli.cache import cache
     from workbench.cli.demo import demo
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
+    from workbench.cli.registry import registry
+    from workbench.cli.shape import shape
     from workbench.cli.zfile import zfile
 
-    for command in (lsmt, zfile, inspect, export, bench, demo):
+    for command in (lsmt, zfile, inspect, export, registry, blob, cache, shape, bench, demo):
         cli.add_command(command)
 
 

@@ -37,9 +37,8 @@ Paths
     by `loads` without a `base_dir` resolves against the current directory.
 
 Caveats:
-- remote lowers (a ``digest`` with no local file) need the registry reader, which is not
-  built yet: `resolve_lower` raises `UnsupportedFormatError` through `resolve_remote_lower`,
-  the one function to replace when it is;
+- `resolve_lower` only says where a lower is (a local `Path` or a `RemoteBlob`); opening a
+  remote one is the registry session's job (`workbench.image.open`);
 - TurboOCI fields are parsed and kept, but nothing opens warp layers yet.
 """
 
@@ -48,12 +47,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from workbench.errors import ImageConfigError, UnsupportedFormatError
+from workbench.errors import ImageConfigError
 
 __all__ = [
     "LOWER_FILE_NAMES",
@@ -61,10 +59,10 @@ __all__ = [
     "DownloadConfig",
     "ImageConfig",
     "LowerConfig",
+    "RemoteBlob",
     "UpperConfig",
     "load",
     "loads",
-    "resolve_remote_lower",
 ]
 
 log = logging.getLogger(__name__)
@@ -259,6 +257,20 @@ class DownloadConfig:
         return out | self.extra
 
 
+@dataclass(frozen=True)
+class RemoteBlob:
+    """A lower that lives in a registry: ``repoBlobUrl`` (``http(s)://host/v2/repo/blobs``),
+    the blob digest and its size (0 when the config does not say)."""
+
+    repo_blob_url: str
+    digest: str
+    size: int = 0
+
+    @property
+    def url(self) -> str:
+        return self.repo_blob_url.rstrip("/") + "/" + self.digest
+
+
 @dataclass
 class ImageConfig:
     """A parsed config.v1.json; see the module docstring for the fields and the rules."""
@@ -399,7 +411,7 @@ class ImageConfig:
                 return candidate
 
         if lower.digest and self.repo_blob_url:
-            return resolve_remote_lower(self, lower)
+            return RemoteBlob(self.repo_blob_url, lower.digest, lower.size)
 
         looked = ", ".join(str(path) for path in tried) or "no local path"
         raise ImageConfigError(
@@ -415,20 +427,6 @@ class ImageConfig:
             directory = self.resolve_path(lower.dir)
             candidates.extend(directory / name for name in LOWER_FILE_NAMES)
         return candidates
-
-
-def _unsupported_remote(config: ImageConfig, lower: LowerConfig) -> Any:
-    raise UnsupportedFormatError(
-        f"lower {lower.digest} is remote ({config.blob_url(lower)}): remote lowers need "
-        "the registry reader, which is not built yet; download the blob and name it in "
-        "the lower's 'file'"
-    )
-
-
-resolve_remote_lower: Callable[[ImageConfig, LowerConfig], Any] = _unsupported_remote
-"""The hook for remote lowers: given the config and a lower, return a random-access file of
-the layer blob. Until the registry reader is built it raises `UnsupportedFormatError`; the
-registry reader replaces this function (module attribute) with its own."""
 
 
 def load(path: str | os.PathLike[str]) -> ImageConfig:

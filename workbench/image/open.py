@@ -10,7 +10,9 @@ readers such as `workbench export` use) or opened for writing (``"writable"``, t
 tools that wait on that file (the snapshotter) see ``success`` or ``failed:<reason>``.
 
 Lower resolution follows `ImageConfig.resolve_lower`: a local file first, then the files in
-the lower's ``dir``; a remote lower goes to the registry hook (not built yet).
+the lower's ``dir``; a remote lower (``repoBlobUrl`` + digest) is read lazily from its registry
+through a `RegistrySession` (block cache included): the one given, else the process-wide
+default session.
 
 Caveats:
 - with ``accelerationLayer`` set, the last lower holds a prefetch trace, not disk data; it is
@@ -23,11 +25,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from workbench.blobs.common import RandomAccessFile
 from workbench.errors import ImageConfigError, UnsupportedFormatError
-from workbench.formats.config import ImageConfig, LowerConfig
+from workbench.formats.config import ImageConfig, LowerConfig, RemoteBlob
 from workbench.image.stack import Layer, LayerStack, WritableUpper
+
+if TYPE_CHECKING:
+    from workbench.registry.session import RegistrySession
 
 __all__ = ["UpperMode", "open_image", "open_lowers", "open_upper", "write_result"]
 
@@ -46,6 +52,7 @@ def open_image(
     upper: UpperMode | None = None,
     check_uuid_chain: bool = False,
     report_result: bool = False,
+    session: RegistrySession | None = None,
 ) -> LayerStack:
     """Open the image of a config as one disk.
 
@@ -82,7 +89,7 @@ def open_image(
     lowers: list[Layer] = []
     top: WritableUpper | None = None
     try:
-        lowers = open_lowers(config)
+        lowers = open_lowers(config, session)
         if mode != "none" and not config.upper.is_empty:
             top = open_upper(config, readonly=mode == "readonly")
         stack = LayerStack(lowers, top, check_uuid_chain=check_uuid_chain)
@@ -117,8 +124,11 @@ def _upper_mode(writable: bool, upper: UpperMode | None) -> UpperMode:
     return upper
 
 
-def open_lowers(config: ImageConfig) -> list[Layer]:
-    """Open the config's lowers as read-only layers, bottom first (closed again on failure)."""
+def open_lowers(config: ImageConfig, session: RegistrySession | None = None) -> list[Layer]:
+    """Open the config's lowers as read-only layers, bottom first (closed again on failure).
+
+    Remote lowers are read through `session`, or the default session if none is given.
+    """
     from workbench.image.layer import ReadOnlyLayer
 
     lowers = config.lowers
@@ -131,12 +141,21 @@ def open_lowers(config: ImageConfig) -> list[Layer]:
         for position, lower in enumerate(lowers):
             _check_not_turbo(lower, f"lowers[{position}]")
             source = config.resolve_lower(lower)
+            if isinstance(source, RemoteBlob):
+                source = _open_remote(source, session)
             opened.append(ReadOnlyLayer.open(source))
     except BaseException:
         for layer in opened:
             layer.close()
         raise
     return opened
+
+
+def _open_remote(blob: RemoteBlob, session: RegistrySession | None) -> RandomAccessFile:
+    from workbench.registry.session import default_session
+
+    session = session if session is not None else default_session()
+    return session.open_blob(blob.repo_blob_url, blob.digest, blob.size or None)
 
 
 def open_upper(config: ImageConfig, readonly: bool = False) -> WritableUpper:

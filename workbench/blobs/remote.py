@@ -1,0 +1,158 @@
+"""Synchronous random-access files over asynchronous sources: the bridge to trio.
+
+The read path (LSMT, ZFile, tar) is synchronous and runs in worker threads; the registry client
+and the block cache are asynchronous and run on trio. A `TrioPortal` runs one trio event loop in
+a background thread, and a `RemoteBlobFile` is a `RandomAccessFile` whose `pread` hands the read
+to that loop and waits for the answer. Many threads may wait at once: the loop serves all their
+reads concurrently (over one connection pool, with one cache).
+
+Caveats:
+- `pread` must not be called from the portal's own thread (trio would deadlock on itself; it
+  raises `RuntimeError` instead);
+- a read blocked in the loop is not cancelled when its calling thread gives up; it finishes
+  and fills the cache for the next reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RemoteBlobFile", "TrioPortal"]
+
+T = TypeVar("T")
+
+
+class TrioPortal:
+    """A trio event loop in a daemon thread, callable from synchronous code.
+
+    `run(fn, *args)` runs the coroutine function `fn` in the loop and returns its result
+    (or raises its exception); `start_soon(fn, *args)` starts a background task in the
+    loop's nursery. Use as a context manager, or call `start()` and `close()`.
+    """
+
+    def __init__(self, name: str = "workbench-trio") -> None:
+        self.name = name
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def start(self) -> TrioPortal:
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._thread_main, name=self.name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise RuntimeError(f"{self.name}: the trio loop failed to start") from self._failure
+        log.debug("%s: trio loop running", self.name)
+        return self
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # reported to start() or logged; the thread must end
+            self._failure = exc
+            if self._ready.is_set():
+                log.exception("%s: the trio loop stopped with an error", self.name)
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._ready.set()
+            await trio.sleep_forever()
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The loop's nursery, for code running in the loop that starts background tasks."""
+        if self._nursery is None:
+            raise RuntimeError(f"{self.name}: the portal is not running; call start() first")
+        return self._nursery
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run `await fn(*args)` in the loop and return its result."""
+        if self._token is None:
+            raise RuntimeError(f"{self.name}: the portal is not running; call start() first")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start `fn(*args)` as a background task of the loop."""
+        if self._token is None or self._nursery is None:
+            raise RuntimeError(f"{self.name}: the portal is not running; call start() first")
+        trio.from_thread.run_sync(self._nursery.start_soon, fn, *args, trio_token=self._token)
+
+    def close(self) -> None:
+        """Cancel every task of the loop, stop it and wait for its thread."""
+        if self._thread is None:
+            return
+        if self._token is not None and self._nursery is not None:
+            try:
+                trio.from_thread.run_sync(self._nursery.cancel_scope.cancel, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join()
+        self._thread = None
+        self._token = None
+        self._nursery = None
+
+    def __enter__(self) -> TrioPortal:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteBlobFile:
+    """A `RandomAccessFile` whose reads run as `await read(offset, length)` on a portal.
+
+    `read` must return exactly `length` bytes for a range inside the blob (the registry client
+    and the block cache do); this class clips requests at `size` as the file contract says.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        read: Callable[[int, int], Awaitable[bytes]],
+        portal: TrioPortal,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._size = size
+        self._read = read
+        self._portal = portal
+        self._on_close = on_close
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if length <= 0 or offset >= self._size:
+            return b""
+        return self._portal.run(self._read, offset, min(length, self._size - offset))
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
+
+    def __enter__(self) -> RemoteBlobFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteBlobFile({self.name!r}, size={self._size})"
