@@ -10,7 +10,9 @@ It walks the formats in the order a container image lives through them:
 4. a third writable layer stays writable, and `config.v1.json` describes the stack;
 5. the merged image is read back and every byte checked against a plain model of the disk,
    a traced read shows the path of one request through the layers, and `inspect` describes
-   each file.
+   each file;
+6. the layers are pushed to the embedded registry and the image is read again lazily: a
+   small read fetches only headers, indexes and the blocks it needs, through the block cache.
 
 The model is a bytearray the size of the disk that receives the same writes and trims; the
 image must equal it byte for byte, or the demo fails.
@@ -31,6 +33,9 @@ from workbench.image.commit import commit_writable
 from workbench.image.open import open_image
 from workbench.image.writable import WritableLayer
 from workbench.inspect import describe, render_text
+from workbench.registry.reference import ImageReference
+from workbench.registry.server import EmbeddedRegistry
+from workbench.registry.session import RegistrySession
 from workbench.tracing import recording, request
 
 log = logging.getLogger(__name__)
@@ -160,7 +165,54 @@ def run_demo(workdir: Path, say: Callable[[str], None] = print) -> bool:
 
     result = (workdir / "result.txt").read_text()
     say(f"resultFile says: {result}")
-    return matched and result == "success"
+
+    say("")
+    lazy_matched = _lazy_from_registry(workdir, model, say)
+    return matched and lazy_matched and result == "success"
+
+
+def _lazy_from_registry(workdir: Path, model: DiskModel, say: Callable[[str], None]) -> bool:
+    """Push the committed layers to the embedded registry and read the image back lazily."""
+    say("7. the same image from a registry: push the layers, read lazily through the cache")
+    with EmbeddedRegistry(workdir / "registry") as registry:
+        reference = ImageReference.parse(f"{registry.url.split('://', 1)[1]}/demo/app")
+        blob_url = f"{registry.url}/v2/demo/app/blobs"
+        with RegistrySession(workdir / "cache", readahead=False) as session:
+            lowers = []
+            for name in ("base.tar", "app.zfile"):
+                data = (workdir / name).read_bytes()
+                digest = session.run(session.client.push_blob, reference, data)
+                lowers.append(LowerConfig(digest=digest, size=len(data)))
+            say(f"   pushed {len(lowers)} layer blobs to {registry.url} (embedded registry)")
+
+            remote = ImageConfig(
+                repo_blob_url=blob_url,
+                lowers=lowers,
+                upper=UpperConfig(data="upper.data", index="upper.index"),
+            )
+            remote.dump(workdir / "remote.config.v1.json")
+            blob_bytes = sum(lower.size for lower in lowers)
+
+            with open_image(
+                workdir / "remote.config.v1.json", upper="readonly", session=session
+            ) as image:
+                image.pread(4 * MiB, 2 * MiB)
+                partial = session.cache.statistics().bytes_fetched
+                say(
+                    f"   a 2 MiB read fetched {partial:,} of {blob_bytes:,} blob bytes "
+                    f"({100 * partial / blob_bytes:.0f}%): headers, indexes and the blocks read"
+                )
+                lazy_bytes = image.pread(0, image.size)
+
+            statistics = session.cache.statistics()
+            say(
+                f"   whole disk read: {statistics.fetches} fetches, "
+                f"{statistics.bytes_fetched:,} bytes fetched, {statistics.hits} cache hits"
+            )
+
+    matched = lazy_bytes == bytes(model.data)
+    say(f"   {'MATCH' if matched else 'MISMATCH'}: lazily read image and model")
+    return matched
 
 
 def _uuid(rng: random.Random) -> str:

@@ -82,6 +82,7 @@ def test_demo_builds_and_checks_the_image(tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert "MATCH: image and model" in result.output
+    assert "MATCH: lazily read image and model" in result.output
     assert "resultFile says: success" in result.output
     for name in ("base.tar", "app.zfile", "upper.data", "upper.index", "config.v1.json"):
         assert (workdir / name).is_file()
