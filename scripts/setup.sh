@@ -10,9 +10,10 @@ cd "$top"
 # e2fsprogs makes and checks the ext4 file systems inside images; tar and gzip read OCI layers;
 # gcc, python3-dev, liblz4-dev, libzstd-dev and pkg-config build the native ZFile decoder
 # (optional: without them the install goes on and the pure-Python reader is used);
-# docker-registry (the CNCF registry), skopeo and umoci are the real peers of the registry tests.
+# docker-registry (the CNCF registry), skopeo, umoci, containerd and runc are the real peers of
+# the registry tests (skopeo copy and ctr image pull against the embedded registry).
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
-    tar gzip docker-registry skopeo umoci)
+    tar gzip docker-registry skopeo umoci containerd runc)
 
 missing=()
 for package in "${apt_packages[@]}"; do
@@ -26,7 +27,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     echo "setup: installing Debian packages: ${missing[*]}" >&2
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        >/dev/null
 fi
 
 # The virtual environment, reinstalled when pyproject.toml, setup.py or the C source change

@@ -17,18 +17,21 @@ workbench's own client, so that tests of that client do not seed with the code u
 Caveats:
 - the free port is found by binding port 0 and closing it; another process may take it before
   docker-registry binds, so the start is retried on a new port a few times.
-- push_image writes OCI manifests and a minimal OCI config only (no Docker schema 2, no index).
+- push_image writes one image manifest (OCI by default, Docker schema 2 by media_types) and a
+  minimal config; no index.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +42,12 @@ import pytest
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+DOCKER_MEDIA_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.container.image.v1+json",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+)
 
 REGISTRIES = ("embedded", "docker-registry")
 
@@ -158,19 +167,29 @@ def push_image(
     tag: str,
     layers: list[bytes],
     config: dict | None = None,
+    *,
+    media_types: tuple[str, str, str] = (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER),
 ) -> str:
     """Pushes the layers (as uncompressed OCI tar layers), a config and an OCI manifest.
 
     Returns the manifest digest. The default config is a minimal linux/amd64 one whose
-    diff_ids are the layer digests (right for uncompressed layers).
+    diff_ids are the layer digests (right for uncompressed layers). media_types (manifest,
+    config, layer) lets a test push gzip layers (OCI_LAYER_GZIP, with a config naming the
+    uncompressed diff_ids) or a Docker schema 2 image (DOCKER_MEDIA_TYPES).
     """
     with httpx.Client(base_url=base_url, timeout=30) as http:
-        return _push_image(http, repo, tag, layers, config)
+        return _push_image(http, repo, tag, layers, config, media_types)
 
 
 def _push_image(
-    http: httpx.Client, repo: str, tag: str, layers: list[bytes], config: dict | None
+    http: httpx.Client,
+    repo: str,
+    tag: str,
+    layers: list[bytes],
+    config: dict | None,
+    media_types: tuple[str, str, str] = (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER),
 ) -> str:
+    manifest_type, config_type, layer_type = media_types
     layer_digests = [_push_blob(http, repo, layer) for layer in layers]
     if config is None:
         config = {
@@ -183,10 +202,10 @@ def _push_image(
 
     manifest = {
         "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
+        "mediaType": manifest_type,
+        "config": {"mediaType": config_type, "digest": config_digest, "size": len(config_bytes)},
         "layers": [
-            {"mediaType": OCI_LAYER, "digest": digest, "size": len(layer)}
+            {"mediaType": layer_type, "digest": digest, "size": len(layer)}
             for digest, layer in zip(layer_digests, layers, strict=True)
         ],
     }
@@ -194,7 +213,7 @@ def _push_image(
     response = http.put(
         f"/v2/{repo}/manifests/{tag}",
         content=manifest_bytes,
-        headers={"content-type": OCI_MANIFEST},
+        headers={"content-type": manifest_type},
     )
     _expect(response, 201)
     return sha256_digest(manifest_bytes)
@@ -206,3 +225,126 @@ def _expect(response: httpx.Response, status: int) -> None:
             f"{response.request.method} {response.request.url} answered "
             f"{response.status_code}, expected {status}: {response.text[:500]}"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerdDaemon:
+    """A running containerd of containerd_daemon(): its socket, pid, log and directories."""
+
+    socket: str
+    pid: int
+    log: Path
+    directory: Path
+    namespace: str = "workbench-test"
+
+    def ctr(self, *args: str, timeout: float = 60) -> str:
+        """Runs `ctr -a SOCKET -n NAMESPACE ARGS...`; returns stdout, fails with stderr."""
+        return self.ctr_bytes(*args, timeout=timeout).decode()
+
+    def ctr_bytes(self, *args: str, timeout: float = 60) -> bytes:
+        """As ctr(), for binary output such as `content get`."""
+        command = ["ctr", "-a", self.socket, "-n", self.namespace, *args]
+        done = subprocess.run(command, capture_output=True, timeout=timeout)
+        if done.returncode != 0:
+            stderr = done.stderr.decode(errors="replace").strip()[-2000:]
+            raise AssertionError(f"{' '.join(command)} exited {done.returncode}: {stderr}")
+        return done.stdout
+
+
+@contextlib.contextmanager
+def containerd_daemon(tmp_path: Path) -> Iterator[ContainerdDaemon]:
+    """A private containerd (CRI off) with root, state, socket and opt dir under tmp_path.
+
+    Skipped where containerd or ctr is absent or the process is not root (containerd needs
+    root to mount snapshots), unless CI is set: then a missing peer fails the test. On exit the
+    daemon gets SIGTERM (SIGKILL after 10 s), is reaped, and every mount it left under its
+    directory is unmounted, so nothing outlives the test.
+    """
+    missing = [name for name in ("containerd", "ctr") if shutil.which(name) is None]
+    reason = None
+    if missing:
+        reason = f"{' and '.join(missing)} not installed (apt-get install containerd runc)"
+    elif os.geteuid() != 0:
+        reason = "containerd needs root to mount its snapshots"
+    if reason is not None:
+        if os.environ.get("CI"):
+            raise RuntimeError(reason + "; CI must test against a real containerd")
+        pytest.skip(reason)
+
+    directory = tmp_path / "containerd"
+    directory.mkdir(parents=True, exist_ok=True)
+    socket_path = _containerd_socket_path(directory)
+    config = directory / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{directory / "root"}"\n'
+        f'state = "{directory / "state"}"\n'
+        # CRI off; snapshotters that only fail to load on these machines off too (log noise)
+        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.devmapper",'
+        ' "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",'
+        ' "io.containerd.snapshotter.v1.zfs"]\n'
+        f'[grpc]\n  address = "{socket_path}"\n'
+        f'[ttrpc]\n  address = "{socket_path}.ttrpc"\n'
+        '[debug]\n  level = "debug"\n'
+        # the opt plugin would otherwise create /opt/containerd
+        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{directory / "opt"}"\n'
+    )
+    log_path = directory / "containerd.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            ["containerd", "--config", str(config)], stdout=log_file, stderr=log_file
+        )
+    daemon = ContainerdDaemon(str(socket_path), process.pid, log_path, directory)
+    try:
+        _wait_for_containerd(daemon, process)
+        yield daemon
+    finally:
+        _stop_containerd(process)
+        _unmount_under(directory)
+        shutil.rmtree(directory / "root", ignore_errors=True)  # snapshots: large, root-owned
+        if not socket_path.is_relative_to(directory):
+            shutil.rmtree(socket_path.parent, ignore_errors=True)
+
+
+def _containerd_socket_path(directory: Path) -> Path:
+    """A socket path under the 108-byte sun_path limit: in directory if it fits, else in /tmp."""
+    path = directory / "containerd.sock"
+    if len(str(path)) + len(".ttrpc") < 100:
+        return path
+    short = Path(tempfile.mkdtemp(prefix="ctr-", dir="/tmp"))
+    (directory / "socket-dir").symlink_to(short)  # so the log points at it
+    return short / "containerd.sock"
+
+
+def _wait_for_containerd(daemon: ContainerdDaemon, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        if Path(daemon.socket).exists():
+            probe = subprocess.run(
+                ["ctr", "-a", daemon.socket, "version"], capture_output=True, timeout=10
+            )
+            if probe.returncode == 0:
+                return
+        time.sleep(0.05)
+    tail = daemon.log.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"containerd did not come up (exit {process.poll()}); log tail:\n{tail}")
+
+
+def _stop_containerd(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _unmount_under(directory: Path) -> None:
+    """Unmounts, deepest first, whatever is still mounted under directory."""
+    inside = str(directory.resolve()) + "/"
+    with open("/proc/self/mountinfo") as mountinfo:
+        points = [line.split()[4] for line in mountinfo]
+    for point in sorted((p for p in points if p.startswith(inside)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)

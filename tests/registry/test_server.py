@@ -2,8 +2,8 @@
 
 Tests taking `url` run against both registries (parametrized); where the reference answers
 differently in a detail the spec leaves open, the test says so. Tests of storage, validation
-and crash safety run against the embedded one only. The skopeo round trip is the acceptance
-test of issue 3 (`ctr image pull` needs a running containerd, which a later issue sets up).
+and crash safety run against the embedded one only. The skopeo round trip here and the
+`ctr image pull` tests in test_ctr_pull.py show that real clients work against it.
 """
 
 from __future__ import annotations
