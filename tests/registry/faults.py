@@ -14,7 +14,9 @@ means a correct answer (206 for a Range, 200 otherwise).
 Faults: "500", "503", "404", "429" (Retry-After: 0), "reset" (half the body, then a TCP
 reset), "short" (correct Content-Length, half the body, then close), "wrong-range" (a
 Content-Range one byte off), "full" (200 with the whole blob, Range ignored), "half-200" (200
-whose body is half the blob), "corrupt" (one byte flipped), "drip" (one byte every 50 ms),
+whose body is half the blob), "corrupt" (one byte flipped), "corrupt-at:N" (the byte at blob
+offset N flipped in the next answer whose range holds it; answers before it are correct and
+leave the fault queued), "drip" (one byte every 50 ms),
 "hang" (no answer for 30 s), "delay:S" (a correct answer after S seconds).
 
 Auth: `auth="bearer"` requires `Authorization: Bearer <token>` on /v2/ paths and answers 401
@@ -143,9 +145,15 @@ class FaultServer:
         with self._lock:
             self.requests.append(request)
 
-    def next_fault(self) -> str | None:
+    def next_fault(self, start: int = 0, end: int = -1) -> str | None:
+        """The fault for an answer of blob bytes [start, end]; None for a correct answer."""
         with self._lock:
-            return self.faults.popleft() if self.faults else None
+            if not self.faults:
+                return None
+            fault = self.faults[0]
+            if fault.startswith("corrupt-at:") and not start <= int(fault[11:]) <= end:
+                return None
+            return self.faults.popleft()
 
     def token_valid(self, token: str) -> bool:
         with self._lock:
@@ -270,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
             start, end = ranged[0], min(ranged[1], len(blob) - 1)
             if start >= len(blob):
                 return self._reply(416, b"", headers={"Content-Range": f"bytes */{len(blob)}"})
-        fault = server.next_fault()
+        fault = server.next_fault(start, end)
         self._faulty_blob(fault, blob, start, end, ranged is not None)
 
     def _faulty_blob(
@@ -298,6 +306,10 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"Content-Range": f"bytes {start + 1}-{end + 1}/{len(blob)}"}
         elif fault == "corrupt":
             body = bytes([body[0] ^ 0xFF]) + body[1:]
+        elif fault and fault.startswith("corrupt-at:"):
+            at = int(fault.partition(":")[2]) - start
+            if 0 <= at < len(body):
+                body = body[:at] + bytes([body[at] ^ 0xFF]) + body[at + 1 :]
 
         if fault in ("reset", "short"):
             self._send_head(status, "application/octet-stream", headers, len(body))

@@ -13,6 +13,14 @@ The contract of `pread`:
 The interface is synchronous on purpose: decompression and checksums release the GIL, so a pool
 of threads reads in parallel, and an asynchronous transport (the FUSE loop on trio) calls it
 through `trio.to_thread`. A registry-backed file bridges back to its event loop itself.
+
+An optional capability, `evict(offset, length) -> None`: "forget these bytes; the next read
+fetches them again". Files that keep fetched bytes (a cached registry blob) or forward to one
+(a tar payload, a registry blob file) have it; plain local and in-memory files do not. A reader
+that finds bytes wrong which a checksum below it could not catch (a ZFile block whose CRC fails
+although the cache checked what the registry sent) evicts them and reads again, as OverlayBD
+does; test for it with `getattr(source, "evict", None)`. Evicting bytes that are not held, or
+whose fetch is still running, does nothing.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ Caveats:
 - `pread` must not be called from the portal's own thread (trio would deadlock on itself; it
   raises `RuntimeError` instead);
 - a read blocked in the loop is not cancelled when its calling thread gives up; it finishes
-  and fills the cache for the next reader.
+  and fills the cache for the next reader;
+- `RemoteBlobFile.evict` forwards to the cache; without one it does nothing, which keeps its
+  promise: every read of an uncached file goes to the source again.
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ class TrioPortal:
             raise RuntimeError(f"{self.name}: the portal is not running; call start() first")
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call `fn(*args)` in the loop's thread (for state only that thread may touch)."""
+        if self._token is None:
+            raise RuntimeError(f"{self.name}: the portal is not running; call start() first")
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start `fn(*args)` as a background task of the loop."""
         if self._token is None or self._nursery is None:
@@ -118,6 +126,8 @@ class RemoteBlobFile:
 
     `read` must return exactly `length` bytes for a range inside the blob (the registry client
     and the block cache do); this class clips requests at `size` as the file contract says.
+    `evict`, if given, forgets the cached bytes of a range (`CachedBlob.evict`); it runs in the
+    loop's thread.
     """
 
     def __init__(
@@ -127,12 +137,14 @@ class RemoteBlobFile:
         read: Callable[[int, int], Awaitable[bytes]],
         portal: TrioPortal,
         on_close: Callable[[], None] | None = None,
+        evict: Callable[[int, int], None] | None = None,
     ) -> None:
         self.name = name
         self._size = size
         self._read = read
         self._portal = portal
         self._on_close = on_close
+        self._evict = evict
 
     @property
     def size(self) -> int:
@@ -142,6 +154,11 @@ class RemoteBlobFile:
         if length <= 0 or offset >= self._size:
             return b""
         return self._portal.run(self._read, offset, min(length, self._size - offset))
+
+    def evict(self, offset: int, length: int) -> None:
+        """Forget the cached bytes of [offset, offset + length); the next read fetches them."""
+        if self._evict is not None and length > 0 and offset < self._size:
+            self._portal.run_sync(self._evict, offset, min(length, self._size - offset))
 
     def close(self) -> None:
         if self._on_close is not None:

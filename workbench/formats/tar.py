@@ -239,6 +239,16 @@ class TarPayload:
         if self.offset != (PAYLOAD_OFFSET if self.saw_pax else BLOCK):
             log.debug("%s: tar payload at %d, not where OverlayBD expects", self.name, self.offset)
 
+        # The optional `evict` capability exists only when the source has it (see blobs.common).
+        if getattr(source, "evict", None) is not None:
+            self.evict = self._evict
+
+    def _evict(self, offset: int, length: int) -> None:
+        """Forget the source's cached bytes of payload range [offset, offset + length)."""
+        length = min(length, self._size - offset)
+        if offset >= 0 and length > 0:
+            self.source.evict(self.offset + offset, length)  # type: ignore[attr-defined]
+
     def _walk_headers(self) -> tuple[int, int, str, bool]:
         """Consume extension entries; returns (payload offset, size, entry name, saw PAX)."""
         position = 0

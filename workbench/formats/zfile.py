@@ -63,6 +63,14 @@ Reading (`ZFileReader`)
     emits one event per block). `WORKBENCH_PURE_PYTHON=1` in the environment, or setting the
     module attribute `native` to None, forces the Python loop.
 
+    A block that fails its CRC or does not decompress is healed when the source can `evict`
+    (a cached registry blob, or a tar payload over one; see `blobs.common`): its compressed
+    range is evicted and the whole read is made again, up to `READ_ATTEMPTS` reads in all as
+    OverlayBD does, with a WARNING and a ("zfile", "evict") tracing event per eviction. Only
+    then is the error raised, saying how many attempts were made; the block is evicted after
+    the last failure too, so no wrong block stays cached. Without `evict` the first failure
+    is raised. The retry lives in the error branch: a good read costs nothing more.
+
 Caveats:
 - dictionaries and mini-LZO (algo 0) are refused with `UnsupportedFormatError`; no writer
   produces them;
@@ -73,8 +81,13 @@ Caveats:
   messages differ, and the native one bounds the last block at its exact size, so an
   overlong last block is "does not decompress" instead of "decompresses to N bytes"); both
   raise `CorruptFileError` naming the block and its offset;
-- a CRC mismatch is raised at once: there is no re-fetch here; a cache below that can evict
-  and re-fetch is the place for retries (OverlayBD retries three times);
+- healing evicts the failing block only; if several blocks of one read are bad, each costs
+  an attempt, so a read with three bad blocks fails even if every re-fetch would be good;
+- a CRC failure of the header, trailer or index (at open) is not healed: open again;
+- a cache evicts and re-fetches whole refill blocks, so the bytes sharing one with a healed
+  block are fetched again too; ZFile blocks among them are CRC-checked when read, but the
+  headers and the index are checked only at open, so a corrupt re-fetch of them stays
+  cached until the next open fails on it (a registry cannot serve a verifiable range);
 - our compressed bytes need not equal OverlayBD's: it bundles lz4 1.8.x and the system
   libzstd; the format and every header field match, the block payloads depend on the
   library version (on layer1.lsmt: 535 of 1306 lz4 blocks and 838 of 1306 zstd blocks are
@@ -92,6 +105,7 @@ import threading
 import time
 import types
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Final, Literal
 
@@ -178,6 +192,11 @@ MAX_INDEX_SIZE: Final = 1_000_000_000
 """Largest index (blocks) a reader accepts, as OverlayBD."""
 
 CRC_SIZE: Final = 4
+
+READ_ATTEMPTS: Final = 3
+"""Reads of a range whose block fails before the error is raised (evicting it in between)."""
+
+_REMEDY: Final = "the file is corrupt, fetch or copy it again"
 
 CHUNK_SIZE: Final = 1 << 20
 """Bytes per read or write in the streaming helpers and the writer's output batching."""
@@ -583,11 +602,14 @@ class ZFileReader:
             )
         head = offset - first * block_size
         decoder = native
-        if decoder is not None and recorder is None:
-            return self._read_native(decoder, raw, first, last, head, end - offset)
+        try:
+            if decoder is not None and recorder is None:
+                return self._read_native(decoder, raw, first, last, head, end - offset)
+            parts = self._decode_blocks(raw, self._starts[first : last + 2], first, recorder)
+        except CorruptFileError as error:
+            return self._heal(offset, length, error)
 
         # Trim the first and last blocks to the requested range; join copies once.
-        parts = self._decode_blocks(raw, self._starts[first : last + 2], first, recorder)
         stop = end - last * block_size
         if first == last:
             data = parts[0] if head == 0 and stop == len(parts[0]) else parts[0][head:stop]
@@ -707,6 +729,64 @@ class ZFileReader:
             block += 1
         return parts
 
+    def _heal(self, offset: int, length: int, error: CorruptFileError) -> bytes:
+        """Evict the block `error` names and read again, up to `READ_ATTEMPTS` reads in all.
+
+        Re-raises `error` at once if the source cannot evict, if the error is not about one
+        block, or if this thread is already healing (the retry is itself a `pread`).
+        """
+        evict = getattr(self.source, "evict", None)
+        bad_block = getattr(error, "zfile_block", None)
+        if evict is None or bad_block is None or getattr(self._local, "healing", False):
+            raise error
+
+        # The last eviction too: no wrong block stays in a cache below once we give up.
+        self._local.healing = True
+        try:
+            for attempt in range(1, READ_ATTEMPTS + 1):
+                self._evict_block(evict, bad_block, error, attempt)
+                if attempt == READ_ATTEMPTS:
+                    break
+                try:
+                    return self.pread(offset, length)
+                except CorruptFileError as again:
+                    bad_block = getattr(again, "zfile_block", None)
+                    if bad_block is None:
+                        raise
+                    error = again
+        finally:
+            self._local.healing = False
+
+        # Every attempt failed: the source itself serves bad bytes.
+        message = str(error).removesuffix(_REMEDY) + (
+            f"still wrong after {READ_ATTEMPTS} attempts, the block evicted and fetched again "
+            "after each; the source serves corrupt bytes, check the blob it comes from"
+        )
+        raise type(error)(message) from None
+
+    def _evict_block(
+        self, evict: Callable[[int, int], None], block: int, error: Exception, attempt: int
+    ) -> None:
+        """Forget the compressed bytes of `block` in the source, traced and logged."""
+        recorder = trace.recorder
+        start_ns = time.perf_counter_ns()
+        start = self._starts[block]
+        stored = self._starts[block + 1] - start
+        log.warning(
+            "%s: ZFile block %d at offset %d failed (attempt %d of %d): %s; evicting its %d "
+            "compressed bytes and reading again",
+            self.name,
+            block,
+            start,
+            attempt,
+            READ_ATTEMPTS,
+            error,
+            stored,
+        )
+        evict(start, stored)
+        if recorder is not None:
+            recorder.emit("zfile", "evict", self.name, start, stored, start_ns, 0)
+
     def _zstd_context(self) -> zstandard.ZstdDecompressor:
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
@@ -715,17 +795,20 @@ class ZFileReader:
 
     def _crc_error(self, block: int, at: int, payload: memoryview, stored: int) -> ChecksumError:
         actual = crc32c_raw(payload, SEED_BLOCK)
-        return ChecksumError(
+        error = ChecksumError(
             f"{self.name}: ZFile block {block} at offset {at}: CRC mismatch: stored "
             f"{stored:#010x}, computed {actual:#010x} over {len(payload)} compressed bytes; "
-            "the file is corrupt, fetch or copy it again"
+            + _REMEDY
         )
+        error.zfile_block = block  # type: ignore[attr-defined]  # read by `_heal`
+        return error
 
     def _block_error(self, block: int, at: int, rule: str) -> CorruptFileError:
-        return CorruptFileError(
-            f"{self.name}: ZFile block {block} at offset {at} ({self.algorithm}) {rule}; "
-            "the file is corrupt, fetch or copy it again"
+        error = CorruptFileError(
+            f"{self.name}: ZFile block {block} at offset {at} ({self.algorithm}) {rule}; " + _REMEDY
         )
+        error.zfile_block = block  # type: ignore[attr-defined]  # read by `_heal`
+        return error
 
     def close(self) -> None:
         self.source.close()
