@@ -523,3 +523,120 @@ def test_random_reads_through_a_tiny_cache_equal_the_blob(
                 assert cache.statistics().present_bytes <= 3 * 4096
 
     run(main)
+
+
+# ---------------------------------------------------------------- synchronous fast path
+
+
+def test_read_ready_serves_only_present_checked_blocks(tmp_path: Path) -> None:
+    data = blob_bytes(8 * REFILL)
+    fetcher = FakeFetcher(data)
+
+    async def main() -> None:
+        with BlockCache(tmp_path, refill_size=REFILL) as cache:
+            blob = cache.open_blob(KEY, len(data), fetcher, readahead=False)
+            assert blob.read_ready(0, 100) is None  # nothing cached yet
+
+            await blob.pread(0, 2 * REFILL)
+            hits = blob.statistics().hits
+            assert blob.read_ready(10, REFILL) == data[10 : 10 + REFILL]
+            assert blob.statistics().hits == hits + 1
+            assert blob.read_ready(REFILL, 2 * REFILL) is None  # block 2 is absent
+            assert blob.read_ready(len(data) - 1, 1) is None
+
+    run(main)
+
+
+def test_read_ready_waits_for_the_crc_check_after_a_restart(tmp_path: Path) -> None:
+    data = blob_bytes(4 * REFILL)
+
+    async def fill() -> None:
+        with BlockCache(tmp_path, refill_size=REFILL) as cache:
+            await cache.open_blob(KEY, len(data), FakeFetcher(data)).pread(0, len(data))
+
+    async def reopen() -> None:
+        with BlockCache(tmp_path, refill_size=REFILL) as cache:
+            blob = cache.open_blob(KEY, len(data), FakeFetcher(data), readahead=False)
+            assert blob.read_ready(0, REFILL) is None  # present, but not checked yet
+            assert await blob.pread(0, REFILL) == data[:REFILL]
+            assert blob.read_ready(0, REFILL) == data[:REFILL]
+
+    run(fill)
+    run(reopen)
+
+
+def test_read_ready_is_off_when_every_read_is_verified(tmp_path: Path) -> None:
+    data = blob_bytes(2 * REFILL)
+
+    async def main() -> None:
+        with BlockCache(tmp_path, refill_size=REFILL, verify="always") as cache:
+            blob = cache.open_blob(KEY, len(data), FakeFetcher(data), readahead=False)
+            await blob.pread(0, len(data))
+            assert blob.read_ready(0, REFILL) is None
+
+    run(main)
+
+
+def test_read_ready_never_returns_evicted_bytes(tmp_path: Path) -> None:
+    data = blob_bytes(4 * REFILL)
+
+    async def main() -> None:
+        with BlockCache(tmp_path, refill_size=REFILL) as cache:
+            blob = cache.open_blob(KEY, len(data), FakeFetcher(data), readahead=False)
+            await blob.pread(0, len(data))
+            assert blob.read_ready(0, REFILL) == data[:REFILL]
+
+            cache.clear(KEY)
+            assert blob.read_ready(0, REFILL) is None
+            assert await blob.pread(0, REFILL) == data[:REFILL]  # fetched again
+            assert blob.read_ready(0, REFILL) == data[:REFILL]
+
+    run(main)
+
+
+def test_read_ready_drops_a_read_raced_by_an_eviction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = blob_bytes(2 * REFILL)
+
+    async def main() -> None:
+        with BlockCache(tmp_path, refill_size=REFILL) as cache:
+            blob = cache.open_blob(KEY, len(data), FakeFetcher(data), readahead=False)
+            await blob.pread(0, len(data))
+            state = blob._state
+            real_pread = os.pread
+
+            def pread_then_evict(fd: int, length: int, offset: int) -> bytes:
+                # The eviction lands between the presence check and the read's end.
+                state.evict(0)
+                return real_pread(fd, length, offset)
+
+            monkeypatch.setattr(cache_module.os, "pread", pread_then_evict)
+            assert blob.read_ready(0, REFILL) is None
+
+    run(main)
+
+
+def test_read_ready_leaves_readahead_to_the_trio_path(tmp_path: Path) -> None:
+    data = blob_bytes(32 * REFILL)
+    fetcher = FakeFetcher(data)
+
+    async def main() -> None:
+        async with BlockCache(tmp_path, refill_size=REFILL).running() as cache:
+            blob = cache.open_blob(KEY, len(data), fetcher, max_readahead=8 * REFILL)
+            await blob.pread(0, REFILL)
+            await blob.pread(REFILL, REFILL)
+            await cache.drain()
+            # Sequential, and the window ahead is not cached: the caller must go through pread,
+            # which starts the readahead.
+            assert blob.read_ready(2 * REFILL, REFILL) is None
+            await blob.pread(2 * REFILL, REFILL)
+            await cache.drain()
+            assert fetcher.calls[-1][0] > 2 * REFILL  # the readahead went out
+
+            # With every block in, sequential reads stay on the fast path to the end.
+            await blob.download()
+            for offset in range(3 * REFILL, len(data), REFILL):
+                assert blob.read_ready(offset, REFILL) == data[offset : offset + REFILL]
+
+    run(main)

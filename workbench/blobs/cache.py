@@ -401,6 +401,7 @@ class _Fill:
         self.released = trio.Event()  # stored or given up: the blocks are no longer in flight
         self.data: bytes | None = None
         self.error: BaseException | None = None
+        self.discarded = False  # a reader found its bytes wrong (`CachedBlob.evict`)
 
 
 class _BlobState:
@@ -425,6 +426,10 @@ class _BlobState:
         self.counters = _Counters()
         self.handles = 0
         self.dirty_recency = False
+        # A sequence count for readers outside the trio thread: odd while a block stops being
+        # readable (eviction) and for good once closed. A reader that saw the same even value
+        # before and after its read read intact blocks.
+        self.generation = 0
 
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self.data_fd = os.open(self.data_path, flags, 0o644)
@@ -461,6 +466,7 @@ class _BlobState:
         """Forget a block: record first, then the hole (see the crash rule)."""
         if not self.is_present(block):
             return
+        self.generation += 1
         self.records[block] = (0, ABSENT, 0)
         self.ready[block] = 0
         self.last_use[block] = 0
@@ -468,6 +474,7 @@ class _BlobState:
         _punch_hole(self.data_fd, block * self.refill, int(self.lengths[block]))
         self.present_bytes -= int(self.lengths[block])
         self.cache.present_bytes -= int(self.lengths[block])
+        self.generation += 1
         self.counters.evictions += 1
 
     def flush_recency(self) -> None:
@@ -478,6 +485,8 @@ class _BlobState:
             self.dirty_recency = False
 
     def close(self) -> None:
+        self.generation |= 1
+        self.ready = bytearray(len(self.records))
         self.flush_recency()
         os.close(self.data_fd)
         os.close(self.table_fd)
@@ -911,6 +920,14 @@ class CachedBlob:
     async def _fill_blocks(self, first: int, stop: int) -> list[_Fill]:
         """Fetch the missing blocks of [first, stop) (or wait for fills in flight)."""
         state = self._state
+
+        # A fill whose bytes were evicted as wrong must not serve them again: wait until it
+        # has let go of its blocks, then fetch them afresh.
+        while discarded := [
+            fill for fill in map(state.in_flight.get, range(first, stop)) if fill and fill.discarded
+        ]:
+            await discarded[0].released.wait()
+
         fills: list[_Fill] = []
         mine: list[_Fill] = []
         block = first
@@ -1042,6 +1059,12 @@ class CachedBlob:
             cache.present_bytes -= length
             state.present_bytes -= length
             raise
+        if fill.discarded:
+            # Evicted while being written: the bytes were wrong, so they are not kept.
+            cache.present_bytes -= length
+            state.present_bytes -= length
+            _punch_hole(state.data_fd, fill.first * state.refill, length)
+            return
         now = time.time_ns()
         for index, crc in enumerate(crcs):
             block = fill.first + index
@@ -1049,6 +1072,98 @@ class CachedBlob:
             state.last_use[block] = now
             state.ready[block] = 1
             state.write_record(block)
+
+    # Eviction on request
+
+    def evict(self, offset: int, length: int) -> None:
+        """Forget the blocks covering [offset, offset + length): the next read fetches them.
+
+        For bytes a reader above found wrong (a ZFile block failing its CRC): the cache's own
+        CRC only proves a block holds what its fill received. Present blocks are evicted with
+        the crash rule (record first, then the hole); a block still being fetched is left
+        alone, its bytes are not known yet; a block fetched but not yet stored is dropped with
+        its whole fill, which then keeps nothing. Runs in the cache's trio thread.
+        """
+        length = min(length, self.size - offset)
+        if offset < 0 or length <= 0:
+            return
+        state = self._state
+        first, stop = state.block_range(offset, length)
+        for block in range(first, stop):
+            fill = state.in_flight.get(block)
+            if fill is not None:
+                if fill.data is not None and not fill.discarded:
+                    log.debug("blob %s: dropping fill of block %d, not stored yet", self.key, block)
+                    fill.discarded = True
+            elif state.is_present(block):
+                log.debug("blob %s: evicting block %d on request", self.key, block)
+                state.evict(block)
+
+    def read_ready(self, offset: int, length: int) -> bytes | None:
+        """The bytes of [offset, offset+length) if every block is present and checked, else None.
+
+        The synchronous fast path for `RemoteBlobFile`: safe from any thread, it reads the
+        data file directly (no hop into the trio thread). It answers only when no await is
+        needed: every block `ready` (present, and CRC-checked or filled in this session, so the
+        crash and CRC rules hold), `verify="first"`, and, for a sequential reader with
+        readahead, the window ahead already present (otherwise None, and the trio path starts
+        the readahead). An eviction or close between the check and the read bumps the state's
+        generation and the answer is dropped (None). Counters and recency are updated without
+        the trio thread, so under concurrent readers they may miss a count.
+        """
+        state = self._state
+        if not self._trust_checked or self._closed or offset < 0 or length <= 0:
+            return None
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return None
+        generation = state.generation
+        first, stop = state.block_range(offset, length)
+        if generation & 1 or state.ready.find(0, first, stop) >= 0:
+            return None
+
+        sequential = offset == self._next_sequential
+        window = self._window
+        if self.readahead and sequential and window:
+            # The trio path would grow the window and start readahead: leave it to it unless
+            # everything the grown window covers is already here.
+            window = min(max(2 * window, 2 * state.refill), self.max_readahead)
+            if self._readahead_due(offset + length, window):
+                return None
+
+        recorder = trace.recorder
+        if recorder is not None:
+            start_ns = time.perf_counter_ns()
+        try:
+            data = os.pread(state.data_fd, length, offset)
+        except OSError:
+            return None  # closed under us; the trio path reports it
+        if state.generation != generation or len(data) != length:
+            return None
+
+        self._next_sequential = offset + length
+        self._window = window if sequential else 0
+        state.last_use[first:stop] = time.time_ns()
+        state.dirty_recency = True
+        state.counters.hits += 1
+        state.counters.bytes_from_cache += length
+        if recorder is not None:
+            recorder.emit("cache", "read", self.key, offset, length, start_ns, length, hit=True)
+        return data
+
+    def _readahead_due(self, offset: int, length: int) -> bool:
+        """Whether `_start_readahead(offset, length)` would start a fetch (same trigger)."""
+        state = self._state
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return False
+        first, stop = state.block_range(offset, length)
+        block = state.ready.find(0, first, stop)
+        if block < 0:
+            return False
+        while block < stop and (state.ready[block] or block in state.in_flight):
+            block += 1
+        return block < stop and (block - first) * state.refill <= length * READAHEAD_TRIGGER
 
     # Recency and readahead
 

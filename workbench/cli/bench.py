@@ -87,3 +87,23 @@ def cache(quick: bool, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as out:
             json.dump([table.to_dict() for table in tables], out, indent=2)
+
+
+@bench.command("registry")
+@click.option("--quick", is_flag=True, help="A smoke run of some seconds (64 MiB, embedded only).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def registry(quick: bool, json_path: str | None) -> None:
+    """Lazy registry reads: misses vs one GET, hits vs a local file, random reads vs a ping.
+
+    Runs against the embedded registry and, when installed, Debian's docker-registry, on
+    loopback and through the shaping proxy (100 Mbit/s, 10 ms). Targets: a cold sequential
+    read with readahead >= 0.8 of one plain GET of the whole blob; cached reads >= 0.7 of a
+    local file; 4 KiB misses are printed as latency over an empty request.
+    """
+    from workbench.bench.registry import RegistryBenchmark, bench_registry
+
+    settings = RegistryBenchmark.quick() if quick else RegistryBenchmark()
+    tables = bench_registry(settings, out=sys.stdout)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump([table.to_dict() for table in tables], out, indent=2)

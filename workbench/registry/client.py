@@ -323,6 +323,16 @@ class RegistryClient:
             errors=MappingProxyType(dict(self._errors)),
         )
 
+    async def ping(self, ref: ImageReference) -> int:
+        """One `GET /v2/` (no retry, no token flow); its status, 200 or 401 when it answers.
+
+        The cheapest request a registry serves: the floor that benchmarks compare reads with.
+        """
+        url = f"{ref.base_url(self.insecure)}/"
+        call = _Call(ref, "GET", url, "get", "/v2/", ok_statuses=(200, 401), max_body=1 << 16)
+        reply = await self._exchange(call, url, {})
+        return reply.status
+
     # ---------------------------------------------------------------- manifests
 
     async def resolve(self, ref: ImageReference, platform: str = "linux/amd64") -> Manifest:
