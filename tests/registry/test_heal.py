@@ -54,9 +54,7 @@ def server(layer_blob: tuple[bytes, bytes]) -> Iterator[FaultServer]:
 
 
 def start_session(cache_dir: Path) -> RegistrySession:
-    session = RegistrySession(cache_dir, refill_size=REFILL, readahead=False).start()
-    session.client.retry = FAST
-    return session
+    return RegistrySession(cache_dir, refill_size=REFILL, readahead=False, retry=FAST).start()
 
 
 def open_layer(session: RegistrySession, server: FaultServer) -> ReadOnlyLayer:
@@ -218,6 +216,7 @@ HEALING_FAULTS = {
     "wrong Content-Range": ["wrong-range", "wrong-range"],
     "200 with half the blob": ["half-200"],
     "everything once": ["500", "reset", "short", "wrong-range"],
+    "slow drip": ["drip"],
 }
 
 
@@ -251,6 +250,7 @@ FAILING_FAULTS = {
     "reset mid-body": ("reset", r"gave up after 5 attempt"),
     "short body": ("short", r"gave up after 5 attempt"),
     "wrong Content-Range": ("wrong-range", r"Content-Range"),
+    "slow drip": ("drip", r"gave up after \d attempt|deadline"),
 }
 
 

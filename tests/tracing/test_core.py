@@ -114,3 +114,18 @@ def test_hit_is_kept_as_a_nullable_boolean(hit):
     frame = recorder.to_dataframe()
     assert frame["hit"].iloc[0] == hit
     assert pd.isna(frame["hit"].iloc[1])
+
+
+def test_traced_file_keeps_the_eviction_capability():
+    evicted = []
+
+    class Evictable(BytesFile):
+        def evict(self, offset: int, length: int) -> None:
+            evicted.append((offset, length))
+
+    traced = TracedFile(Evictable(bytes(10)))
+    plain = TracedFile(BytesFile(bytes(10)))
+
+    traced.evict(2, 3)
+    assert evicted == [(2, 3)]
+    assert getattr(plain, "evict", None) is None

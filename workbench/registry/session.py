@@ -31,7 +31,7 @@ from workbench.blobs.cache import BlockCache, CachedBlob, default_cache_dir
 from workbench.blobs.remote import RemoteBlobFile, TrioPortal
 from workbench.errors import ImageReferenceError
 from workbench.registry.auth import Credentials
-from workbench.registry.client import DEFAULT_INSECURE, RegistryClient
+from workbench.registry.client import DEFAULT_INSECURE, RegistryClient, RetryPolicy
 from workbench.registry.reference import ImageReference
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class RegistrySession:
         A `Credentials` or the path of a docker config.json / OverlayBD cred.json.
     insecure
         Extra hosts to reach over plain HTTP (loopback hosts always are).
+    retry
+        The client's `RetryPolicy` (attempts, backoff, per-attempt timeout, deadline).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class RegistrySession:
         credentials: Credentials | str | os.PathLike[str] | None = None,
         insecure: tuple[str, ...] = (),
         readahead: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if isinstance(credentials, str | os.PathLike):
             credentials = Credentials.from_file(credentials)
@@ -94,6 +97,7 @@ class RegistrySession:
         self._capacity = capacity_bytes
         self._refill = refill_size
         self._readahead = readahead
+        self._retry = retry
         self._portal = TrioPortal("workbench-registry")
         self._client: RegistryClient | None = None
         self.cache: BlockCache | None = None
@@ -116,7 +120,9 @@ class RegistrySession:
         return self
 
     async def _open_client(self) -> RegistryClient:
-        client = RegistryClient(credentials=self._credentials, insecure=self._insecure)
+        client = RegistryClient(
+            credentials=self._credentials, insecure=self._insecure, retry=self._retry
+        )
         await client.__aenter__()
         return client
 

@@ -21,6 +21,11 @@ class TracedFile:
         self.inner = inner
         self.layer = layer
         self.name = inner.name
+        # Keep the optional eviction capability of the inner file (see blobs.common), so that
+        # tracing a cached blob does not turn off healing above it.
+        evict = getattr(inner, "evict", None)
+        if evict is not None:
+            self.evict = evict
 
     @property
     def size(self) -> int:
