@@ -786,6 +786,7 @@ class CachedBlob:
         self._window = 0
         self._download_scope: trio.CancelScope | None = None
         self._closed = False
+        self._last_touched = -1
 
     def statistics(self) -> BlobStatistics:
         return self._state.statistics()
@@ -1114,20 +1115,24 @@ class CachedBlob:
         state = self._state
         if not self._trust_checked or self._closed or offset < 0 or length <= 0:
             return None
-        length = min(length, self.size - offset)
-        if length <= 0:
-            return None
+        size = self.size
+        if offset + length > size:
+            length = size - offset
+            if length <= 0:
+                return None
         generation = state.generation
-        first, stop = state.block_range(offset, length)
+        refill = state.refill
+        first = offset // refill
+        stop = (offset + length + refill - 1) // refill
         if generation & 1 or state.ready.find(0, first, stop) >= 0:
             return None
 
         sequential = offset == self._next_sequential
         window = self._window
-        if self.readahead and sequential and window:
+        if sequential and window and self.readahead:
             # The trio path would grow the window and start readahead: leave it to it unless
             # everything the grown window covers is already here.
-            window = min(max(2 * window, 2 * state.refill), self.max_readahead)
+            window = min(max(2 * window, 2 * refill), self.max_readahead)
             if self._readahead_due(offset + length, window):
                 return None
 
@@ -1143,10 +1148,15 @@ class CachedBlob:
 
         self._next_sequential = offset + length
         self._window = window if sequential else 0
-        state.last_use[first:stop] = time.time_ns()
-        state.dirty_recency = True
-        state.counters.hits += 1
-        state.counters.bytes_from_cache += length
+        # Recency is approximate anyway: small reads inside the blocks touched last time skip
+        # the numpy write, which costs as much as the read itself.
+        if first != self._last_touched:
+            self._last_touched = first
+            state.last_use[first:stop] = time.time_ns()
+            state.dirty_recency = True
+        counters = state.counters
+        counters.hits += 1
+        counters.bytes_from_cache += length
         if recorder is not None:
             recorder.emit("cache", "read", self.key, offset, length, start_ns, length, hit=True)
         return data
