@@ -702,7 +702,12 @@ class RegistryClient:
             start_ns = time.perf_counter_ns()
         offset, length = call.byte_range or (0, 0)
 
-        body = bytearray()
+        # The body is kept as the list of chunks httpcore hands over and joined once at the
+        # end: appending to a bytearray and converting it to bytes copied every byte twice
+        # more (and the bytearray's growth copied it again): about a quarter of the client's
+        # CPU in a py-spy profile of loopback reads.
+        chunks: list[bytes] = []
+        received = 0
         self._requests += 1
         try:
             async with self._http.stream(
@@ -712,8 +717,9 @@ class RegistryClient:
                 if call.method != "HEAD" and status not in _REDIRECT_STATUSES:
                     limit = call.max_body if status in call.ok_statuses else MAX_ERROR_BODY
                     async for chunk in response.aiter_raw():
-                        body += chunk
-                        if limit is not None and len(body) > limit:
+                        chunks.append(chunk)
+                        received += len(chunk)
+                        if limit is not None and received > limit:
                             if status in call.ok_statuses:
                                 raise RegistryError(
                                     f"{call.describe()}: body larger than {limit} bytes"
@@ -723,18 +729,19 @@ class RegistryClient:
                     if (
                         status in call.ok_statuses
                         and declared.isdigit()
-                        and int(declared) != len(body)
+                        and int(declared) != received
                     ):
-                        raise _Retry(f"short body: {len(body)} of {declared} bytes", status)
+                        raise _Retry(f"short body: {received} of {declared} bytes", status)
         finally:
-            self._bytes += len(body)
+            self._bytes += received
             if recorder is not None:
-                recorder.emit("registry", call.op, call.target, offset, length, start_ns, len(body))
+                recorder.emit("registry", call.op, call.target, offset, length, start_ns, received)
 
         if status >= 400:
             self._count_error(str(status))
-        log.debug("%s %s -> %d (%d bytes)", call.method, url, status, len(body))
-        return _Reply(status, response.headers, bytes(body), url)
+        log.debug("%s %s -> %d (%d bytes)", call.method, url, status, received)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return _Reply(status, response.headers, body, url)
 
     # ---------------------------------------------------------------- auth
 
