@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -75,61 +74,10 @@ def docker_registry(tmp_path: Path) -> Iterator[str]:
             raise RuntimeError(message + "; CI must test against the reference registry")
         pytest.skip(message)
 
-    workdir = tmp_path / "docker-registry"
-    workdir.mkdir(parents=True, exist_ok=True)
-    for _attempt in range(5):
-        process, url = _start_docker_registry(binary, workdir)
-        if process is not None:
-            break
-    else:
-        raise RuntimeError(f"docker-registry did not start; see {workdir / 'registry.log'}")
+    from workbench.registry.peer import docker_registry as start_docker_registry
 
-    try:
+    with start_docker_registry(tmp_path / "docker-registry") as url:
         yield url
-    finally:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def _start_docker_registry(binary: str, workdir: Path) -> tuple[subprocess.Popen | None, str]:
-    port = _free_port()
-    config = workdir / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log: {level: warn, fields: {service: registry}}\n"
-        "storage:\n"
-        f"  filesystem: {{rootdirectory: {workdir / 'data'}}}\n"
-        "  delete: {enabled: true}\n"
-        "  cache: {blobdescriptor: inmemory}\n"
-        "http:\n"
-        f"  addr: 127.0.0.1:{port}\n"
-        "health:\n"
-        "  storagedriver: {enabled: false}\n"
-    )
-    url = f"http://127.0.0.1:{port}"
-    log_file = (workdir / "registry.log").open("ab")
-    process = subprocess.Popen([binary, "serve", str(config)], stdout=log_file, stderr=log_file)
-    log_file.close()
-
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return None, url  # most likely lost the port race; the caller retries
-        try:
-            if httpx.get(url + "/v2/", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    process.kill()
-    process.wait(timeout=10)
-    return None, url
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -235,12 +235,12 @@ def test_a_corrupt_block_fails_its_crc_and_is_fetched_again(tmp_path: Path, veri
             file.write(bytes([byte[0] ^ 0xFF]))
 
     async def main() -> None:
-        with BlockCache(tmp_path, refill_size=REFILL, verify=verify) as cache:  # type: ignore[arg-type]
+        with BlockCache(tmp_path, refill_size=REFILL, verify=verify) as cache:  # type: ignore
             blob = cache.open_blob(KEY, len(data), fetcher)
             assert await blob.pread(0, len(data)) == data
         corrupt()
 
-        with BlockCache(tmp_path, refill_size=REFILL, verify=verify) as cache:  # type: ignore[arg-type]
+        with BlockCache(tmp_path, refill_size=REFILL, verify=verify) as cache:  # type: ignore
             blob = cache.open_blob(KEY, len(data), fetcher)
             assert await blob.pread(REFILL + 70, 20) == data[REFILL + 70 : REFILL + 90]
             stats = blob.statistics()

@@ -391,7 +391,8 @@ def _output(
     try:
         with open(temporary, "wb") as raw:
             tar_writer = TarWriter(raw) if tar else None
-            target: BinaryIO = tar_writer if tar_writer is not None else raw  # type: ignore[assignment]
+            target: BinaryIO = raw if tar_writer is None else tar_writer  # type: ignore
+
             zfile = None
             if compress is not None:
                 zfile = ZFileWriter(

@@ -211,7 +211,7 @@ class ReadOnlyLayer:
         rule of the format (the message names the file, the offset and the rule).
         """
         opened = LocalFile(source) if isinstance(source, str | os.PathLike) else None
-        outer: RandomAccessFile = opened if opened is not None else source  # type: ignore[assignment]
+        outer: RandomAccessFile = source if opened is None else opened  # type: ignore
         try:
             file, wrapping = _unwrap(outer)
             layer = cls._load(file, outer.name, wrapping)
