@@ -11,9 +11,11 @@ cd "$top"
 # gcc, python3-dev, liblz4-dev, libzstd-dev and pkg-config build the native ZFile decoder
 # (optional: without them the install goes on and the pure-Python reader is used);
 # docker-registry (the CNCF registry), skopeo, umoci, containerd and runc are the real peers of
-# the registry tests (skopeo copy and ctr image pull against the embedded registry).
+# the registry tests (skopeo copy and ctr image pull against the embedded registry); fuse3 and
+# libfuse3-dev serve the image as a FUSE disk file (pip builds pyfuse3 against libfuse3), and
+# util-linux's losetup attaches it as a loop device.
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
-    tar gzip docker-registry skopeo umoci containerd runc)
+    tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux)
 
 missing=()
 for package in "${apt_packages[@]}"; do

@@ -44,6 +44,7 @@ def _register() -> None:
     from workbench.cli.blob import blob
     from workbench.cli.cache import cache
     from workbench.cli.demo import demo
+    from workbench.cli.device import mount, umount
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
@@ -51,7 +52,8 @@ def _register() -> None:
     from workbench.cli.shape import shape
     from workbench.cli.zfile import zfile
 
-    for command in (lsmt, zfile, inspect, export, registry, blob, cache, shape, bench, demo):
+    commands = (lsmt, zfile, inspect, export, mount, umount, registry, blob, cache, shape)
+    for command in (*commands, bench, demo):
         cli.add_command(command)
 
 

@@ -1,0 +1,457 @@
+"""Mounting an image: FUSE disk file -> loop device -> ext4, and tearing it all down again.
+
+`mount_image` builds, in order, and records each piece in a state file as soon as it exists:
+
+    1. a FUSE server: a child process ``python -m workbench.device.fuse CONFIG FUSE_DIR``
+       (its own session, log in ``RUN_DIR/mounts/ID.log``) serving ``FUSE_DIR/disk``;
+    2. a loop device on that file (``losetup --find --show``, ``--read-only`` for a
+       read-only image; direct I/O stays off: fuse-ceiling.md "Best settings" 3);
+    3. ext4 on the loop device at the mount point (``-o ro,noload`` for a read-only image,
+       so that not even a journal replay writes).
+
+State lives under `run_dir` (``$WORKBENCH_RUN_DIR``, default ``/run/workbench``)::
+
+    RUN_DIR/mounts/ID.json   {"id", "mountpoint", "fuse_dir", "loop", "pid", "read_only", ...}
+    RUN_DIR/mounts/ID.log    the server's log
+    RUN_DIR/fuse/ID/         the FUSE mount, holding ``disk``
+
+`unmount` tears a mount down in the reverse order (ext4, loop, FUSE, server) and removes its
+state; `unmount_all` does so for every recorded mount, and `cleanup_stale` for those whose
+server has died (run at the start of every `mount_image`). Besides the state files, anything
+that is ours by construction is swept too: FUSE mounts under ``RUN_DIR/fuse`` and loop
+devices backed by a file there. Nothing else is touched.
+
+Why a child process rather than a thread: pyfuse3 holds global state (one file system per
+process), a child can be killed (kill -9 in the crash tests) without taking the caller with
+it, and `workbench umount` from another process can stop it by pid.
+
+Caveats:
+- a LayerStack cannot be handed to a child process, so `mount_image` takes a config path;
+- after the server dies, the ext4 mount sees I/O errors; its teardown falls back to a lazy
+  unmount (``umount -l``), which detaches at once and lets the kernel drop it when idle;
+- the server's pid is checked against its command line before it is signalled, so a
+  recycled pid is never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+__all__ = [
+    "DISK_NAME",
+    "Mount",
+    "MountError",
+    "cleanup_stale",
+    "default_run_dir",
+    "list_mounts",
+    "mount_image",
+    "unmount",
+    "unmount_all",
+]
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+"""Seconds to wait for the FUSE server to report it is mounted."""
+
+STOP_TIMEOUT = 10.0
+"""Seconds to wait for the server to exit after its FUSE mount is gone, before SIGKILL."""
+
+SERVER_MODULE = "workbench.device.fuse"
+
+DISK_NAME = "disk"
+"""The FUSE file system's one file. Defined here, not in the server module, so that mounting
+and unmounting (and the CLI that imports them) work without importing pyfuse3."""
+
+
+class MountError(WorkbenchError):
+    """Raised when a mount cannot be made or found."""
+
+
+@dataclass
+class Mount:
+    """One mounted image: what `mount_image` made, as recorded in its state file."""
+
+    id: str
+    mountpoint: str
+    fuse_dir: str
+    config: str
+    writable_dir: str | None
+    read_only: bool
+    run_dir: str
+    pid: int = 0
+    loop: str = ""
+    trace: str | None = None
+    owner: int = 0
+    """The process running `mount_image`; while it lives, an unfinished mount is not stale."""
+    complete: bool = False
+
+    @property
+    def disk(self) -> str:
+        return os.path.join(self.fuse_dir, DISK_NAME)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.run_dir) / "mounts" / f"{self.id}.json"
+
+    def save(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, self.state_path)
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("WORKBENCH_RUN_DIR", "/run/workbench"))
+
+
+# Mounting ---------------------------------------------------------------------------------
+
+
+def mount_image(
+    image: str | os.PathLike[str],
+    mountpoint: str | os.PathLike[str],
+    writable_dir: str | os.PathLike[str] | None = None,
+    *,
+    read_only: bool | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    trace: str | os.PathLike[str] | None = None,
+) -> Mount:
+    """Mount the ext4 file system of image `image` (a config.v1.json) at `mountpoint`.
+
+    With `writable_dir` the image gets a writable layer there (created if the folder has
+    none) and ext4 is mounted read-write; without it the image is read-only unless its
+    config has an upper. `read_only` overrides the guess for a config with an upper. With
+    `trace` the server records every event and writes them to that Parquet file when it
+    stops (`workbench.device.fuse.main`).
+    Raises `MountError` (everything made so far is torn down again) if a step fails.
+    """
+    run = Path(run_dir) if run_dir is not None else default_run_dir()
+    cleanup_stale(run)
+    if not isinstance(image, str | os.PathLike):
+        raise TypeError(
+            f"mount_image takes a config.v1.json path, got {type(image).__name__}; the FUSE "
+            "server runs in a child process and opens the image itself"
+        )
+    config = os.path.abspath(image)
+    if read_only is None:
+        read_only = writable_dir is None and not _config_has_upper(config)
+
+    mount_id = uuid.uuid4().hex[:12]
+    fuse_dir = run / "fuse" / mount_id
+    fuse_dir.mkdir(parents=True)
+    mount = Mount(
+        id=mount_id,
+        mountpoint=os.path.realpath(mountpoint),
+        fuse_dir=str(fuse_dir),
+        config=config,
+        writable_dir=os.path.abspath(writable_dir) if writable_dir is not None else None,
+        read_only=read_only,
+        run_dir=str(run),
+        trace=os.path.abspath(trace) if trace is not None else None,
+        owner=os.getpid(),
+    )
+    mount.save()
+    try:
+        mount.pid = _start_server(mount)
+        mount.save()
+        mount.loop = _attach_loop(mount.disk, read_only)
+        mount.save()
+        _mount_ext4(mount.loop, mount.mountpoint, read_only)
+        mount.complete = True
+        mount.save()
+    except BaseException:
+        _teardown(mount)
+        raise
+    log.info("mounted %s at %s (%s, %s)", config, mount.mountpoint, mount.loop, mount.fuse_dir)
+    return mount
+
+
+def _config_has_upper(config: str) -> bool:
+    from workbench.formats.config import ImageConfig
+
+    return not ImageConfig.load(config).upper.is_empty
+
+
+def _start_server(mount: Mount) -> int:
+    command = [sys.executable, "-m", SERVER_MODULE, mount.config, mount.fuse_dir]
+    command += ["--name", f"workbench-{mount.id}"]
+    if mount.writable_dir is not None:
+        command += ["--writable", mount.writable_dir]
+    if mount.trace is not None:
+        command += ["--trace", mount.trace]
+    log_path = Path(mount.run_dir) / "mounts" / f"{mount.id}.log"
+    with open(log_path, "ab") as log_file:
+        server = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    mount.pid = server.pid
+    mount.save()
+
+    assert server.stdout is not None
+    line = _read_line(server, READY_TIMEOUT)
+    server.stdout.close()
+    if line.strip() != b"ready":
+        server.kill()
+        server.wait()
+        raise MountError(
+            f"the FUSE server for {mount.config} did not start (exit {server.returncode}); "
+            f"its log: {_tail(log_path)}"
+        )
+    # The child outlives this Popen object: teardown finds it again by pid.
+    server.returncode = 0
+    return server.pid
+
+
+def _read_line(process: subprocess.Popen[bytes], timeout: float) -> bytes:
+    import select
+
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    return process.stdout.readline() if ready else b""
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _attach_loop(disk: str, read_only: bool) -> str:
+    command = ["losetup", "--find", "--show", *(["--read-only"] if read_only else []), disk]
+    return _run(command, "attach a loop device").strip()
+
+
+def _mount_ext4(loop: str, mountpoint: str, read_only: bool) -> None:
+    options = ["-o", "ro,noload"] if read_only else []
+    _run(["mount", "-t", "ext4", *options, loop, mountpoint], "mount ext4")
+
+
+def _run(command: list[str], what: str) -> str:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MountError(f"could not {what}: {' '.join(command)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+# Listing and tearing down ---------------------------------------------------------------------
+
+
+def list_mounts(run_dir: str | os.PathLike[str] | None = None) -> list[Mount]:
+    """Every mount recorded under `run_dir` (unreadable state files are logged and skipped)."""
+    run = Path(run_dir) if run_dir is not None else default_run_dir()
+    mounts = []
+    for path in sorted((run / "mounts").glob("*.json")):
+        try:
+            mounts.append(Mount(**json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("skipping unreadable mount state %s: %s", path, exc)
+    return mounts
+
+
+def unmount(
+    mountpoint: str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None
+) -> Mount:
+    """Tear down the mount at `mountpoint`: ext4, loop device, FUSE, server, state."""
+    target = os.path.realpath(mountpoint)
+    for mount in list_mounts(run_dir):
+        if mount.mountpoint == target:
+            _teardown(mount)
+            return mount
+    raise MountError(
+        f"{target} is not a workbench mount (no state under {run_dir or default_run_dir()}); "
+        "`workbench umount --all` removes whatever the workbench left behind"
+    )
+
+
+def unmount_all(run_dir: str | os.PathLike[str] | None = None) -> list[Mount]:
+    """Tear down every workbench mount, then sweep leftovers of ours without state."""
+    run = Path(run_dir) if run_dir is not None else default_run_dir()
+    mounts = list_mounts(run)
+    for mount in mounts:
+        _teardown(mount)
+    _sweep(run)
+    return mounts
+
+
+def cleanup_stale(run_dir: str | os.PathLike[str] | None = None) -> list[Mount]:
+    """Tear down the mounts whose server has died (a crash), and sweep orphaned pieces.
+
+    A mount another process is still making (not complete, its owner alive) is left alone,
+    even before its server has started.
+    """
+    run = Path(run_dir) if run_dir is not None else default_run_dir()
+    stale = [mount for mount in list_mounts(run) if _is_stale(mount)]
+    for mount in stale:
+        log.warning(
+            "removing stale mount %s at %s (server %d gone)", mount.id, mount.mountpoint, mount.pid
+        )
+        _teardown(mount)
+    _sweep(run, live={mount.fuse_dir for mount in list_mounts(run)})
+    return stale
+
+
+def _is_stale(mount: Mount) -> bool:
+    if not mount.complete and mount.owner != os.getpid() and _is_alive(mount.owner):
+        return False
+    return not _is_server(mount.pid)
+
+
+def _is_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _teardown(mount: Mount) -> None:
+    """Undo every piece of `mount` that exists, last made first; never raises for a gone piece."""
+    if mount.loop and _mounted_source(mount.mountpoint) == mount.loop:
+        _unmount_path(mount.mountpoint)
+    if mount.loop and _loop_backing(mount.loop) == mount.disk:
+        _detach_loop(mount.loop)
+    if _is_mounted(mount.fuse_dir):
+        subprocess.run(["fusermount3", "-u", "-z", mount.fuse_dir], capture_output=True)
+    _stop_server(mount.pid)
+    for path in (mount.state_path, mount.state_path.with_suffix(".log")):
+        path.unlink(missing_ok=True)
+    try:
+        os.rmdir(mount.fuse_dir)
+    except OSError:
+        pass
+    log.info("unmounted %s (%s)", mount.mountpoint, mount.id)
+
+
+def _sweep(run: Path, live: frozenset[str] | set[str] = frozenset()) -> None:
+    """Remove FUSE mounts under ``run/fuse`` and loop devices on them not in `live`."""
+    fuse_root = str(run / "fuse") + "/"
+    for loop, backing in _loop_devices():
+        if backing.startswith(fuse_root) and os.path.dirname(backing) not in live:
+            for target in _mounts_of(loop):
+                _unmount_path(target)
+            _detach_loop(loop)
+    for _source, target in _proc_mounts():
+        if target.startswith(fuse_root) and target not in live:
+            subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True)
+            try:
+                os.rmdir(target)
+            except OSError:
+                pass
+
+
+def _unmount_path(target: str) -> None:
+    done = subprocess.run(["umount", target], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("umount %s failed (%s); detaching it lazily", target, done.stderr.strip())
+        subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def _detach_loop(loop: str) -> None:
+    done = subprocess.run(["losetup", "-d", loop], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("losetup -d %s failed: %s", loop, done.stderr.strip())
+
+
+def _stop_server(pid: int) -> None:
+    """Wait for the server to exit (its FUSE mount is gone); SIGTERM, then SIGKILL."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for signum in (None, signal.SIGTERM, signal.SIGKILL):
+        if signum is not None and _is_server(pid):
+            os.kill(pid, signum)
+        while _is_server(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _is_server(pid):
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT / 2
+
+
+def _is_server(pid: int) -> bool:
+    """True if `pid` is alive and is a FUSE server of ours (not a recycled pid, not a zombie)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            state = stat_file.read().rsplit(b")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            command = cmdline.read()
+    except OSError:
+        return False
+    if state == b"Z":
+        _reap(pid)
+        return False
+    return SERVER_MODULE.encode() in command
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _proc_mounts() -> list[tuple[str, str]]:
+    with open("/proc/self/mounts") as mounts:
+        return [
+            (fields[0], _unescape(fields[1]))
+            for fields in (line.split() for line in mounts)
+            if len(fields) >= 2
+        ]
+
+
+def _unescape(path: str) -> str:
+    return path.encode().decode("unicode_escape") if "\\" in path else path
+
+
+def _is_mounted(target: str) -> bool:
+    return any(mounted == target for _, mounted in _proc_mounts())
+
+
+def _mounted_source(target: str) -> str | None:
+    sources = [source for source, mounted in _proc_mounts() if mounted == target]
+    return sources[-1] if sources else None
+
+
+def _mounts_of(device: str) -> list[str]:
+    return [target for source, target in _proc_mounts() if source == device]
+
+
+def _loop_devices() -> list[tuple[str, str]]:
+    """(device, backing file) of every attached loop device."""
+    devices = []
+    for block in Path("/sys/block").glob("loop*"):
+        backing = _loop_backing(f"/dev/{block.name}")
+        if backing:
+            devices.append((f"/dev/{block.name}", backing))
+    return devices
+
+
+def _loop_backing(loop: str) -> str:
+    try:
+        return (
+            (Path("/sys/block") / os.path.basename(loop) / "loop" / "backing_file")
+            .read_text()
+            .strip()
+        )
+    except OSError:
+        return ""
