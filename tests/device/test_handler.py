@@ -242,6 +242,28 @@ def test_discard_bytes_trims_whole_sectors_and_zeros_the_ends(layered: BlockHand
     assert layered.read_bytes(0, 10000) == expected
 
 
+@needs_testdata
+def test_detect_zeroes_stores_a_zero_write_as_a_trim(layered: BlockHandler) -> None:
+    detecting = BlockHandler(layered.stack, detect_zeroes=True)
+    detecting.write_bytes(0, bytes(8192))  # over layer1's data: must hide it
+    detecting.write_bytes(MiB, bytes(3 * MiB))  # longer than the 1 MiB comparison window
+    detecting.write_bytes(16384, bytes(1024))  # under ZERO_DETECT_MIN: written as data
+    almost = bytearray(8192)
+    almost[-1] = 1
+    detecting.write_bytes(32768, almost)  # one byte set: written as data
+
+    frame = detecting.stack.upper.index.to_frame()
+    assert frame[frame.zeroed].offset.tolist() == [0, MiB // 512]
+    assert frame[~frame.zeroed].offset.tolist() == [32, 64]
+    assert detecting.read_bytes(0, 8192) == bytes(8192)
+    assert detecting.read_bytes(32768, 8192) == almost
+
+
+def test_zero_writes_are_data_without_detect_zeroes(handler: BlockHandler) -> None:
+    handler.write_bytes(0, bytes(8192))
+    assert not handler.stack.upper.index.to_frame().zeroed.any()
+
+
 @given(
     writes=st.lists(
         st.tuples(st.integers(0, 16 * KiB - 1), st.binary(min_size=1, max_size=3000)),

@@ -67,6 +67,12 @@ SECTOR = ALIGNMENT
 WRITE_SAME_CHUNK = 1 << 20
 """Bytes of repeated data `write_same` builds and writes at a time."""
 
+ZERO_DETECT_MIN = 4096
+"""The smallest all-zero write that ``detect_zeroes`` turns into a trim: smaller ones would
+cut the writable layer's index into many short entries for a few saved bytes."""
+
+_ZEROS = bytes(1 << 20)
+
 
 class LbaRangeError(WorkbenchError, ValueError):
     """Raised when a request reaches past the last logical block of the disk."""
@@ -151,6 +157,11 @@ class BlockHandler:
         write-protected view; False on a read-only stack raises `ReadOnlyError`.
     name
         The handler's name in errors and trace events; defaults to the stack's.
+    detect_zeroes
+        Store a `write_bytes` whose data is all zeros (and at least `ZERO_DETECT_MIN` bytes,
+        sector-aligned) as a trim: zeroed mappings instead of data, as QEMU's
+        ``detect-zeroes=unmap``. The disk reads the same either way; the layer stays
+        smaller. For transports that cannot pass trims on (FUSE without fallocate).
     """
 
     def __init__(
@@ -160,6 +171,7 @@ class BlockHandler:
         read_only: bool | None = None,
         *,
         name: str | None = None,
+        detect_zeroes: bool = False,
     ) -> None:
         if block_size <= 0 or block_size % SECTOR:
             raise ValueError(
@@ -180,6 +192,7 @@ class BlockHandler:
         self.blocks = stack.size // block_size
         self.size = self.blocks * block_size
         self.locks = SectorLocks()
+        self.detect_zeroes = detect_zeroes
 
     def capacity(self) -> Capacity:
         return Capacity(self.blocks, self.block_size)
@@ -328,7 +341,10 @@ class BlockHandler:
 
         with self._lock_sectors(first, stop):
             if start == offset and end == offset + length:
-                self.stack.pwrite(offset, bytes(data))
+                if self.detect_zeroes and _all_zeros(data):
+                    self.stack.trim(offset, length)
+                else:
+                    self.stack.pwrite(offset, bytes(data))
             else:
                 self.stack.pwrite(start, self._patched(start, end, offset, data))
         return length
@@ -424,3 +440,20 @@ class BlockHandler:
 def _sectors_around(offset: int, length: int) -> tuple[int, int]:
     """The sectors [first, stop) that hold bytes [offset, offset + length)."""
     return offset // SECTOR, -(-(offset + length) // SECTOR)
+
+
+def _all_zeros(data: bytes | bytearray | memoryview) -> bool:
+    """True for `ZERO_DETECT_MIN` bytes or more of zeros.
+
+    `bytes.startswith` compares with memcmp (~5 us for 128 KiB here) and stops at the first
+    non-zero byte, so a write of real data pays almost nothing; comparing memoryviews with
+    ``==`` goes item by item and is 100x slower.
+    """
+    length = len(data)
+    if length < ZERO_DETECT_MIN:
+        return False
+    view = memoryview(data).cast("B")
+    return all(
+        _ZEROS.startswith(view[start : start + len(_ZEROS)])
+        for start in range(0, length, len(_ZEROS))
+    )
