@@ -28,6 +28,7 @@ __all__ = [
     "RegistryError",
     "RegistryTimeoutError",
     "UnsupportedFormatError",
+    "UnsupportedImageError",
     "WorkbenchError",
 ]
 
@@ -110,3 +111,12 @@ class DigestMismatchError(RegistryError, ValueError):
 
 class ManifestError(RegistryError, ValueError):
     """Raised for a manifest that is malformed, unsupported, or has no matching platform."""
+
+
+class UnsupportedImageError(ManifestError):
+    """Raised when an image is not one the workbench reads as OverlayBD block layers.
+
+    A layer without OverlayBD annotations (a plain OCI image), a TurboOCI layer, an
+    acceleration layer below the top, or annotations that contradict the layer descriptor.
+    The message names the image, the layer (index and digest) and what to do.
+    """
