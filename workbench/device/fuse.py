@@ -185,10 +185,11 @@ class FuseDisk(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._call("read", self.handler.read_bytes, off, size)
+        return await self._call("read", self.handler.read_bytes, off, size, span=(off, size))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._call("write", self.handler.write_bytes, off, buf)
+        span = (off, len(buf))
+        return await self._call("write", self.handler.write_bytes, off, buf, span=span)
 
     async def flush(self, fh: int) -> None:
         if not self.read_only:
@@ -200,13 +201,21 @@ class FuseDisk(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         return None
 
-    async def _call(self, op: str, function: Callable[..., _T], *args: object) -> _T:
+    async def _call(
+        self,
+        op: str,
+        function: Callable[..., _T],
+        *args: object,
+        span: tuple[int, int] = (0, 0),
+    ) -> _T:
         """Run one handler call in a worker thread, as its own tracing request.
+
+        The request event records `span`, the (offset, length) of the disk the kernel asked.
 
         Errors become the errno a file would give: EROFS for a read-only image, ENOSPC past
         the end of the disk, EIO (logged) for anything else the stack raises.
         """
-        with trace.request(f"fuse-{op}"):
+        with trace.request(f"fuse-{op}", DISK_NAME, *span):
             try:
                 if not self.threaded:
                     return function(*args)

@@ -159,11 +159,14 @@ def recording() -> Iterator[Recorder]:
 
 
 @contextmanager
-def request(kind: str = "request") -> Iterator[int]:
+def request(
+    kind: str = "request", target: str = "", offset: int = 0, length: int = 0
+) -> Iterator[int]:
     """Open a top-level request: every event emitted inside it carries the new id.
 
-    `kind` is recorded as a `request` event of layer `request`, so a trace also holds the
-    request itself with its duration.
+    `kind` is recorded as a `request` event of layer `request` (with the `target`, `offset`
+    and `length` the request names, if any), so a trace also holds the request itself with
+    its duration.
     """
     request_id = next(_request_ids)
     token = _request_id.set(request_id)
@@ -173,7 +176,7 @@ def request(kind: str = "request") -> Iterator[int]:
     finally:
         active = recorder
         if active is not None:
-            active.emit("request", kind, "", 0, 0, start_ns)
+            active.emit("request", kind, target, offset, length, start_ns)
         _request_id.reset(token)
 
 
