@@ -8,6 +8,7 @@ device or server process of its run folder is left.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -19,15 +20,18 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from registries import REGISTRIES, start_registry
 
 if importlib.util.find_spec("pyfuse3") is None:
     if os.environ.get("CI"):
         raise RuntimeError("pyfuse3 is not installed; CI must run the FUSE tests")
     pytest.skip("pyfuse3 is not installed (needs libfuse3-dev)", allow_module_level=True)
 
+from workbench.cli.device import commit as commit_command
 from workbench.cli.device import mount as mount_command
 from workbench.cli.device import umount as umount_command
 from workbench.cli.image import export_image
+from workbench.device.commit import commit_mount
 from workbench.device.fuse import open_stack
 from workbench.device.mount import (
     Mount,
@@ -39,6 +43,8 @@ from workbench.device.mount import (
     unmount_all,
 )
 from workbench.image.commit import import_raw
+from workbench.registry.image import push_image
+from workbench.tracing.report import render_report, request_table
 
 MiB = 1 << 20
 TOOLS = ("losetup", "mkfs.ext4", "e2fsck", "fusermount3", "findmnt")
@@ -245,6 +251,165 @@ def test_kill_9_after_fsync_keeps_the_data_and_cleanup_removes_everything(
         unmount(target, run_dir)
 
     fsck_clean(config, upper, tmp_path / "check.raw")
+
+
+def test_commit_of_a_mount_is_a_layer_holding_the_files_as_they_were_at_commit(
+    image: tuple[Path, Path], tmp_path: Path, run_dir: Path
+) -> None:
+    config, source = image
+    target, upper, layer = tmp_path / "mnt", tmp_path / "upper", tmp_path / "layer2.tar"
+    target.mkdir()
+    added = pattern(MiB + 5, 7)
+
+    mount_image(config, target, upper, run_dir=run_dir)
+    try:
+        (target / "added.bin").write_bytes(added)
+        (target / "d2" / "sub" / "f1.bin").unlink()
+        made = CliRunner().invoke(
+            commit_command,
+            [str(target), str(layer), "-z", "-t", "-m", "step 1", "--run-dir", str(run_dir)],
+        )
+        assert made.exit_code == 0, made.output
+        # The mount goes on after the commit; later writes are not in the new layer.
+        (target / "after.bin").write_bytes(b"later")
+        os.sync()
+    finally:
+        unmount(target, run_dir)
+
+    stacked = tmp_path / "stacked.json"
+    lowers = [{"file": str(config.parent / "layer.tar")}, {"file": str(layer)}]
+    stacked.write_text(json.dumps({"lowers": lowers}))
+    expected = tree_files(source)
+    expected["added.bin"] = added
+    del expected["d2/sub/f1.bin"]
+    mount_image(stacked, target, run_dir=run_dir)
+    try:
+        assert tree_files(target) == expected
+    finally:
+        unmount(target, run_dir)
+    fsck_clean(stacked, None, tmp_path / "check.raw")
+
+
+def test_a_file_overwritten_with_zeros_becomes_zeroed_mappings_not_data(
+    image: tuple[Path, Path], tmp_path: Path, run_dir: Path
+) -> None:
+    # pyfuse3 cannot pass trims on (no fallocate); detected zero writes stand in for them.
+    config, _source = image
+    target, upper = tmp_path / "mnt", tmp_path / "upper"
+    target.mkdir()
+
+    mount_image(config, target, upper, run_dir=run_dir)
+    try:
+        with open(target / "big.bin", "r+b") as file:
+            size = os.fstat(file.fileno()).st_size
+            file.write(bytes(size))
+            os.fsync(file.fileno())
+        data_size = (upper / "data").stat().st_size
+        assert (target / "big.bin").read_bytes() == bytes(size)
+    finally:
+        unmount(target, run_dir)
+
+    assert data_size < size // 2  # the 3 MiB of zeros did not go into the layer's data
+    with open_stack(config, upper) as stack:
+        frame = stack.upper.index.to_frame()
+    assert frame[frame.zeroed].length.sum() * 512 >= size * 0.9
+
+
+def test_committing_a_read_only_mount_or_a_plain_folder_is_refused(
+    image: tuple[Path, Path], tmp_path: Path, run_dir: Path
+) -> None:
+    config, _source = image
+    target = tmp_path / "mnt"
+    target.mkdir()
+
+    with pytest.raises(MountError, match="is not a workbench mount"):
+        commit_mount(target, tmp_path / "out", run_dir=run_dir)
+    mount_image(config, target, run_dir=run_dir)
+    try:
+        with pytest.raises(MountError, match="read-only mount: there is no writable layer"):
+            commit_mount(target, tmp_path / "out", run_dir=run_dir)
+    finally:
+        unmount(target, run_dir)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("registry", REGISTRIES)
+def test_an_image_mounted_from_a_registry_is_read_lazily(
+    registry: str,
+    image: tuple[Path, Path],
+    tmp_path: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config, source = image
+    target, cache = tmp_path / "mnt", tmp_path / "cache"
+    target.mkdir()
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(cache))  # the FUSE server inherits it
+    blob_size = (config.parent / "layer.tar").stat().st_size
+
+    with start_registry(registry, tmp_path) as url:
+        reference = f"{url.split('://', 1)[1]}/tests/tree:v1"
+        push_image(config, reference)
+        made = CliRunner().invoke(
+            mount_command, [reference, str(target), "--run-dir", str(run_dir)]
+        )
+        assert made.exit_code == 0, made.output
+        try:
+            one = "d3/sub/f3.bin"
+            assert (target / one).read_bytes() == (source / one).read_bytes()
+            fetched = sum(path.stat().st_blocks * 512 for path in cache.glob("*.data"))
+            assert 0 < fetched < blob_size // 2  # headers, index, metadata, one file
+
+            assert tree_files(target) == tree_files(source)
+        finally:
+            unmount(target, run_dir)
+    assert not list((run_dir / "images").glob("*"))  # the resolved config went with the mount
+
+
+def test_a_traced_ls_r_of_a_registry_mount_leads_from_kernel_requests_to_fetches(
+    image: tuple[Path, Path],
+    tmp_path: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config, _source = image
+    target, trace = tmp_path / "mnt", tmp_path / "trace.parquet"
+    target.mkdir()
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path / "cache"))
+
+    with start_registry("embedded", tmp_path) as url:
+        reference = f"{url.split('://', 1)[1]}/tests/tree:v1"
+        push_image(config, reference)
+        mount_image(reference, target, run_dir=run_dir, trace=trace)
+        try:
+            listing = subprocess.run(["ls", "-R", str(target)], capture_output=True, text=True)
+        finally:
+            unmount(target, run_dir)
+    assert listing.returncode == 0 and "f5.bin" in listing.stdout
+    events = pd.read_parquet(trace)
+
+    table = request_table(events)
+    reads = table[table.kind == "fuse-read"]
+    assert len(reads) > 0 and (reads.length > 0).all()
+    assert reads.segments.sum() > 0 and reads.blocks.sum() > 0
+    assert reads.cache_misses.sum() > 0 and reads.fetched.sum() > 0
+    fetches = events[events.layer == "registry"]
+    assert fetches.request_id.isin(reads.index).all()  # every fetch is some kernel read's
+    slowest = render_report(events, slowest=1, kind="fuse-read")
+    assert "request fuse-read disk [" in slowest and "registry" in slowest
+
+
+def test_an_image_that_is_neither_a_file_nor_a_reference_is_refused(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    target = tmp_path / "mnt"
+    target.mkdir()
+
+    with pytest.raises(MountError, match=r"no such config\.v1\.json file"):
+        mount_image(tmp_path / "missing.json", target, run_dir=run_dir)
+    with pytest.raises(MountError, match=r"no such config\.v1\.json file"):
+        mount_image("images/app", target, run_dir=run_dir)
+    assert list_mounts(run_dir) == []
 
 
 def test_umount_all_leaves_other_loop_devices_alone(

@@ -44,16 +44,19 @@ def _register() -> None:
     from workbench.cli.blob import blob
     from workbench.cli.cache import cache
     from workbench.cli.demo import demo
-    from workbench.cli.device import mount, umount
+    from workbench.cli.device import commit, mount, umount
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
     from workbench.cli.registry import registry
     from workbench.cli.shape import shape
+    from workbench.cli.trace import trace
     from workbench.cli.zfile import zfile
 
-    commands = (lsmt, zfile, inspect, export, mount, umount, registry, blob, cache, shape)
-    for command in (*commands, bench, demo):
+    images = (lsmt, zfile, inspect, export)
+    devices = (mount, umount, commit)
+    registries = (registry, blob, cache, shape)
+    for command in (*images, *devices, *registries, trace, bench, demo):
         cli.add_command(command)
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "MountError",
     "cleanup_stale",
     "default_run_dir",
+    "find_mount",
     "list_mounts",
     "mount_image",
     "unmount",
@@ -128,8 +129,12 @@ def mount_image(
     run_dir: str | os.PathLike[str] | None = None,
     trace: str | os.PathLike[str] | None = None,
 ) -> Mount:
-    """Mount the ext4 file system of image `image` (a config.v1.json) at `mountpoint`.
+    """Mount the ext4 file system of image `image` at `mountpoint`.
 
+    `image` is a config.v1.json path or a registry reference (``host/name:tag``) of an
+    OverlayBD image: a reference is resolved to a config of remote lowers
+    (`workbench.registry.image.resolve_image`), kept in ``RUN_DIR/images/ID.json`` while
+    mounted; its layers are then read lazily through the block cache.
     With `writable_dir` the image gets a writable layer there (created if the folder has
     none) and ext4 is mounted read-write; without it the image is read-only unless its
     config has an upper. `read_only` overrides the guess for a config with an upper. With
@@ -141,14 +146,15 @@ def mount_image(
     cleanup_stale(run)
     if not isinstance(image, str | os.PathLike):
         raise TypeError(
-            f"mount_image takes a config.v1.json path, got {type(image).__name__}; the FUSE "
-            "server runs in a child process and opens the image itself"
+            f"mount_image takes a config.v1.json path or a registry reference, got "
+            f"{type(image).__name__}; the FUSE server runs in a child process and opens the "
+            "image itself"
         )
-    config = os.path.abspath(image)
+    mount_id = uuid.uuid4().hex[:12]
+    config = _config_of(image, run / "images" / f"{mount_id}.json")
     if read_only is None:
         read_only = writable_dir is None and not _config_has_upper(config)
 
-    mount_id = uuid.uuid4().hex[:12]
     fuse_dir = run / "fuse" / mount_id
     fuse_dir.mkdir(parents=True)
     mount = Mount(
@@ -176,6 +182,38 @@ def mount_image(
         raise
     log.info("mounted %s at %s (%s, %s)", config, mount.mountpoint, mount.loop, mount.fuse_dir)
     return mount
+
+
+def _config_of(image: str | os.PathLike[str], resolved: Path) -> str:
+    """The config path of `image`: itself if it is a file, else a reference resolved there."""
+    if os.path.isfile(image):
+        return os.path.abspath(image)
+
+    from workbench.errors import ImageReferenceError
+    from workbench.registry.image import write_image_config
+
+    text = os.fspath(image)
+    if text.endswith(".json") or not _looks_like_reference(text):
+        raise MountError(
+            f"{text}: no such config.v1.json file; IMAGE is a config.v1.json path or a "
+            "registry reference host[:port]/name[:tag]"
+        )
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_image_config(text, resolved)
+    except ImageReferenceError as exc:
+        raise MountError(
+            f"{text} is neither a config.v1.json file nor a registry reference "
+            f"(host[:port]/name[:tag]): {exc}"
+        ) from exc
+    return str(resolved)
+
+
+def _looks_like_reference(text: str) -> bool:
+    # A reference names a registry host first (with a dot or a port, or localhost); a
+    # relative path such as images/app/config.v1.json does not.
+    host = text.split("/", 1)[0]
+    return "." in host or ":" in host or host == "localhost"
 
 
 def _config_has_upper(config: str) -> bool:
@@ -265,19 +303,27 @@ def list_mounts(run_dir: str | os.PathLike[str] | None = None) -> list[Mount]:
     return mounts
 
 
-def unmount(
+def find_mount(
     mountpoint: str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None
 ) -> Mount:
-    """Tear down the mount at `mountpoint`: ext4, loop device, FUSE, server, state."""
+    """The workbench mount at `mountpoint`; `MountError` if there is none."""
     target = os.path.realpath(mountpoint)
     for mount in list_mounts(run_dir):
         if mount.mountpoint == target:
-            _teardown(mount)
             return mount
     raise MountError(
         f"{target} is not a workbench mount (no state under {run_dir or default_run_dir()}); "
         "`workbench umount --all` removes whatever the workbench left behind"
     )
+
+
+def unmount(
+    mountpoint: str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None
+) -> Mount:
+    """Tear down the mount at `mountpoint`: ext4, loop device, FUSE, server, state."""
+    mount = find_mount(mountpoint, run_dir)
+    _teardown(mount)
+    return mount
 
 
 def unmount_all(run_dir: str | os.PathLike[str] | None = None) -> list[Mount]:
@@ -334,6 +380,9 @@ def _teardown(mount: Mount) -> None:
     if _is_mounted(mount.fuse_dir):
         subprocess.run(["fusermount3", "-u", "-z", mount.fuse_dir], capture_output=True)
     _stop_server(mount.pid)
+    resolved = Path(mount.run_dir) / "images" / f"{mount.id}.json"
+    if mount.config == str(resolved):
+        resolved.unlink(missing_ok=True)
     for path in (mount.state_path, mount.state_path.with_suffix(".log")):
         path.unlink(missing_ok=True)
     try:
