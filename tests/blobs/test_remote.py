@@ -7,7 +7,7 @@ import threading
 import pytest
 import trio
 
-from workbench.blobs.remote import RemoteBlobFile, TrioPortal
+from workbench.blobs.remote import RemoteBlobFile, TrioPortal, WouldBlockError, nonblocking
 
 BLOB = bytes(range(256)) * 64
 
@@ -91,3 +91,20 @@ def test_close_callback_runs_once() -> None:
         blob.close()
         blob.close()
     assert closed == [1]
+
+
+def test_inside_nonblocking_a_read_that_would_wait_fails_before_reading() -> None:
+    calls = []
+
+    async def recorded(offset: int, length: int) -> bytes:
+        calls.append(offset)
+        return BLOB[offset : offset + length]
+
+    with TrioPortal() as portal:
+        blob = RemoteBlobFile("blob", len(BLOB), recorded, portal)
+
+        with nonblocking(), pytest.raises(WouldBlockError, match=r"blob: \[10, \+5\) is not"):
+            blob.pread(10, 5)
+        assert calls == []
+        assert blob.pread(10, 5) == BLOB[10:15]  # outside the block it waits again
+        assert calls == [10]

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +26,11 @@ if importlib.util.find_spec("pyfuse3") is None:
 import pyfuse3
 import trio
 
+from workbench.blobs.remote import RemoteBlobFile, TrioPortal
 from workbench.device.fuse import FuseDisk
 from workbench.device.handler import BlockHandler
 from workbench.image.commit import import_raw
+from workbench.image.layer import ReadOnlyLayer
 from workbench.image.stack import LayerStack
 from workbench.image.writable import WritableLayer
 from workbench.tracing import recording
@@ -135,6 +138,53 @@ def test_every_request_gets_its_own_trace_id(stack: LayerStack) -> None:
     assert len(below) > 0
     assert set(below.request_id) <= set(requests.request_id)
     assert (below.request_id != 0).all()
+
+
+def test_a_read_waiting_on_the_registry_does_not_hold_up_local_reads(tmp_path: Path) -> None:
+    # Lower: a layer read through a RemoteBlobFile whose reads wait at a gate (a registry that
+    # has not answered yet). Upper: a writable layer with local data at [0, 64 KiB).
+    raw = tmp_path / "remote.raw"
+    raw.write_bytes(bytes(MiB) + pattern(MiB, 3))
+    import_raw(raw, tmp_path / "remote.lsmt")
+    layer_bytes = (tmp_path / "remote.lsmt").read_bytes()
+    gate, armed = threading.Event(), threading.Event()
+
+    async def registry_read(offset: int, length: int) -> bytes:
+        if armed.is_set():
+            await trio.to_thread.run_sync(gate.wait)
+        return layer_bytes[offset : offset + length]
+
+    with TrioPortal() as portal:
+        remote = RemoteBlobFile("remote", len(layer_bytes), registry_read, portal)
+        lower = ReadOnlyLayer.open(remote)
+        upper = WritableLayer.create(tmp_path / "u.data", tmp_path / "u.index", 2 * MiB)
+        with LayerStack([lower], upper) as stack:
+            disk = FuseDisk(BlockHandler(stack))
+            local = pattern(64 * KiB, 4)
+            armed.set()
+
+            async def run() -> tuple[bytes, bytes]:
+                with trio.fail_after(20):
+                    await disk.write(0, 0, local)
+                    remote_read: list[bytes] = []
+
+                    async def read_remote() -> None:
+                        remote_read.append(await disk.read(0, MiB, 8192))
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(read_remote)
+                        await trio.sleep(0.2)  # the remote read is now waiting at the gate
+                        local_read = await disk.read(0, 4096, 4096)
+                        assert remote_read == []
+                        gate.set()
+                    return local_read, remote_read[0]
+
+            local_read, remote_data = trio.run(run)
+
+    assert local_read == local[4096:8192]
+    assert remote_data == pattern(MiB, 3)[:8192]
+    assert disk.served_in_threads == 1  # the registry read; write and local read had no hop
+    assert disk.served_direct == 2
 
 
 # ---------------------------------------------------------------------------------------------

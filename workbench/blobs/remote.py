@@ -6,6 +6,12 @@ a background thread, and a `RemoteBlobFile` is a `RandomAccessFile` whose `pread
 to that loop and waits for the answer. Many threads may wait at once: the loop serves all their
 reads concurrently (over one connection pool, with one cache).
 
+Callers that must not wait (an event loop serving other requests, such as the FUSE server's)
+read inside `nonblocking()`: there a `RemoteBlobFile.pread` that would go to the loop raises
+`WouldBlockError` at once instead, before anything is fetched, and the caller retries the
+whole read where waiting is fine (a worker thread). A cached read never gets that far
+(`CachedBlobFile` serves it first), so cached data costs no thread hop.
+
 Caveats:
 - `pread` must not be called from the portal's own thread (trio would deadlock on itself; it
   raises `RuntimeError` instead);
@@ -17,16 +23,41 @@ Caveats:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import trio
 
+from workbench.errors import WorkbenchError
+
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteBlobFile", "TrioPortal"]
+__all__ = ["RemoteBlobFile", "TrioPortal", "WouldBlockError", "nonblocking"]
+
+_may_block: contextvars.ContextVar[bool] = contextvars.ContextVar("may_block", default=True)
+
+
+class WouldBlockError(WorkbenchError):
+    """Raised inside `nonblocking()` by a read that would have to wait for its source."""
+
+
+@contextlib.contextmanager
+def nonblocking() -> Iterator[None]:
+    """Reads inside the block raise `WouldBlockError` rather than wait on the portal.
+
+    A context variable, so it holds for the current thread or trio task only; worker threads
+    started from inside (trio.to_thread copies the context) would inherit it.
+    """
+    token = _may_block.set(False)
+    try:
+        yield
+    finally:
+        _may_block.reset(token)
+
 
 T = TypeVar("T")
 
@@ -153,6 +184,8 @@ class RemoteBlobFile:
     def pread(self, offset: int, length: int) -> bytes:
         if length <= 0 or offset >= self._size:
             return b""
+        if not _may_block.get():
+            raise WouldBlockError(f"{self.name}: [{offset}, +{length}) is not cached")
         return self._portal.run(self._read, offset, min(length, self._size - offset))
 
     def evict(self, offset: int, length: int) -> None:

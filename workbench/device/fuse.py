@@ -14,12 +14,16 @@ Requests map onto the handler's byte-level calls, any size and alignment:
     open for write          -> EROFS on a read-only image
     setattr (truncate)      -> only to the current size; the disk cannot grow or shrink
 
-Each call runs in a worker thread (`trio.to_thread.run_sync` under one `CapacityLimiter` of
-`MAX_IN_FLIGHT`), so many requests are in flight at once and a read waiting on a registry
-does not hold up reads the block cache answers. Every request opens a tracing request
+A read or write is first tried in the trio task itself, inside `nonblocking()`: when every
+byte it needs is in local files or the block cache it completes there, without a thread hop
+(~0.4 ms on these 2-vCPU machines, fuse-ceiling.md). One that needs the registry stops before
+fetching anything (`WouldBlockError`) and runs again in a worker thread
+(`trio.to_thread.run_sync` under one `CapacityLimiter` of `MAX_IN_FLIGHT`), so many fetches
+are in flight at once and a read waiting on the registry does not hold up reads the cache
+answers. fsync always goes to a thread. Every request opens a tracing request
 (`workbench.tracing.request`, kind ``fuse-<op>``), so the handler, LSMT, ZFile, cache and
 registry events below it carry its id. ``max_in_flight=0`` (``--threads 0``) calls the
-handler in the trio task instead: no hop, one request at a time (Caveats).
+handler in the trio task for everything, registry reads included (Caveats).
 
 Settings follow ../shared/specs/fuse-ceiling.md: no FOPEN_DIRECT_IO and ``keep_cache`` on
 open (the FUSE page cache serves the loop device's re-reads), attributes and entries cached
@@ -38,11 +42,12 @@ Caveats:
   server's handler detects zeroes (``detect_zeroes``), so a range written with zeros (a
   file overwritten from /dev/zero; ``blkdiscard -z``, whose write-zeroes falls back to
   writing zero pages) becomes zeroed mappings in the writable layer, as a trim would;
-- one thread hop per request costs ~400 us on these 2-vCPU machines (fuse-ceiling.md), so
-  cached 4 KiB reads are slower than a synchronous handler would serve them (measured here
-  on a local uncompressed layer: 4 KiB random reads at QD1 ~2x faster with ``--threads 0``,
-  sequential reads within noise); the hop is what keeps registry reads from stalling
-  everything else, so it is the default;
+- a call served in the trio task blocks the loop while it runs: a local layer on a cold
+  disk makes other requests wait for that disk read (the page cache usually has it); and
+  a read that needed the registry pays for the part of the stack it walked before
+  stopping, twice;
+- ``--threads 0`` serves registry reads in the trio task too: one slow fetch stalls every
+  other request (for measurements of the hop, not for use);
 - pyfuse3 keeps global state: one file system per process;
 - ``--trace`` keeps every event in memory until the end (about 100 bytes each): for
   bounded experiments (an ``ls -R``, a benchmark), not for a long-lived mount.
@@ -65,6 +70,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
+from workbench.blobs.remote import WouldBlockError, nonblocking
 from workbench.device.handler import BlockHandler, LbaRangeError
 from workbench.device.mount import DISK_NAME
 from workbench.errors import ReadOnlyError, WorkbenchError
@@ -113,6 +119,10 @@ class FuseDisk(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(max(1, max_in_flight))
         self._mtime_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
+        self.served_direct = 0
+        """Calls served in the trio task: everything they read was local or cached."""
+        self.served_in_threads = 0
+        """Calls served in a worker thread: fsyncs, and reads that needed the registry."""
 
     # Attributes ------------------------------------------------------------------------
 
@@ -185,11 +195,13 @@ class FuseDisk(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._call("read", self.handler.read_bytes, off, size, span=(off, size))
+        read = self.handler.read_bytes
+        return await self._call("read", read, off, size, span=(off, size), direct_first=True)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         span = (off, len(buf))
-        return await self._call("write", self.handler.write_bytes, off, buf, span=span)
+        write = self.handler.write_bytes
+        return await self._call("write", write, off, buf, span=span, direct_first=True)
 
     async def flush(self, fh: int) -> None:
         if not self.read_only:
@@ -207,10 +219,17 @@ class FuseDisk(pyfuse3.Operations):
         function: Callable[..., _T],
         *args: object,
         span: tuple[int, int] = (0, 0),
+        direct_first: bool = False,
     ) -> _T:
-        """Run one handler call in a worker thread, as its own tracing request.
+        """Run one handler call as its own tracing request; in a worker thread if it waits.
 
-        The request event records `span`, the (offset, length) of the disk the kernel asked.
+        With `direct_first` the call is tried in the trio task first, inside `nonblocking()`:
+        served from local files and the block cache it completes there, with no thread hop;
+        a read that needs the registry raises `WouldBlockError` before fetching anything and
+        the whole call is run again in a worker thread (reads and writes are idempotent, so
+        a retried write that had patched a sector writes the same bytes again). Calls
+        without it (fsync) always go to a thread. The request event records `span`, the
+        (offset, length) of the disk the kernel asked.
 
         Errors become the errno a file would give: EROFS for a read-only image, ENOSPC past
         the end of the disk, EIO (logged) for anything else the stack raises.
@@ -219,6 +238,15 @@ class FuseDisk(pyfuse3.Operations):
             try:
                 if not self.threaded:
                     return function(*args)
+                if direct_first:
+                    try:
+                        with nonblocking():
+                            result = function(*args)
+                        self.served_direct += 1
+                        return result
+                    except WouldBlockError:
+                        pass
+                self.served_in_threads += 1
                 return await trio.to_thread.run_sync(function, *args, limiter=self.limiter)
             except ReadOnlyError as exc:
                 raise pyfuse3.FUSEError(errno.EROFS) from exc
