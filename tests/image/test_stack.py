@@ -289,6 +289,30 @@ def test_writable_upper_wins_and_its_gaps_show_the_lowers(tmp_path: Path, manife
             stack.pwrite(100, b"x" * 512)
 
 
+@needs_testdata
+def test_small_reads_take_the_one_entry_path_and_read_as_the_general_path(tmp_path: Path) -> None:
+    # Untraced reads inside one merged entry skip the general path (cutting, joining,
+    # copying); traced reads always take the general path. Both must agree everywhere:
+    # inside entries, across their ends, over zeroed entries, gaps and the upper's writes.
+    lowers = [ReadOnlyLayer.open(TESTDATA / name) for name in ("layer1.lsmt", "layer2.lsmt")]
+    upper = WritableLayer.create(tmp_path / "data", tmp_path / "index", lowers[-1].virtual_size)
+    rng = np.random.default_rng(11)
+    with LayerStack(lowers, upper) as stack:
+        stack.pwrite(8 * MiB, rng.bytes(8192))
+        stack.trim(9 * MiB, 4096)
+        edges = [int(offset) for offset in stack.segments()["offset"] if offset < stack.size]
+        offsets = edges + [int(x) * 512 for x in rng.integers(0, stack.size // 512 - 64, 300)]
+        offsets += [8 * MiB - 512, 8 * MiB + 4096, 9 * MiB - 512]
+
+        for offset in offsets:
+            for length in (512, 4096, 12288):
+                length = min(length, stack.size - offset)
+                fast = stack.pread(offset, length)
+                with recording():
+                    general = stack.pread(offset, length)
+                assert fast == general, (offset, length)
+
+
 # ---------------------------------------------------------------------------------------------
 # Opening from a config
 

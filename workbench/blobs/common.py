@@ -47,10 +47,10 @@ class RandomAccessFile(Protocol):
 
 def read_exact(source: RandomAccessFile, offset: int, length: int, what: str) -> bytes:
     """Read exactly `length` bytes or raise `CorruptFileError` naming `what` was cut short."""
-    from workbench.errors import CorruptFileError
-
     data = source.pread(offset, length)
     if len(data) != length:
+        from workbench.errors import CorruptFileError
+
         raise CorruptFileError(
             f"{source.name}: truncated {what}: wanted {length} bytes at offset {offset}, "
             f"the file has {len(data)} (size {source.size}); the file was cut short, "
@@ -72,9 +72,10 @@ class LocalFile:
         return self._size
 
     def pread(self, offset: int, length: int) -> bytes:
-        if length <= 0 or offset >= self._size:
+        # os.pread itself stops at the end of the file (a short read, b"" past it).
+        if length <= 0:
             return b""
-        return os.pread(self._fd, min(length, self._size - offset), offset)
+        return os.pread(self._fd, length, offset)
 
     def fileno(self) -> int:
         return self._fd

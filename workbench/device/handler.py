@@ -67,6 +67,8 @@ SECTOR = ALIGNMENT
 WRITE_SAME_CHUNK = 1 << 20
 """Bytes of repeated data `write_same` builds and writes at a time."""
 
+_SECTOR_MASK = SECTOR - 1
+
 ZERO_DETECT_MIN = 4096
 """The smallest all-zero write that ``detect_zeroes`` turns into a trim: smaller ones would
 cut the writable layer's index into many short entries for a few saved bytes."""
@@ -315,6 +317,10 @@ class BlockHandler:
 
     def read_bytes(self, offset: int, length: int) -> bytes:
         """`length` bytes at `offset`, any alignment; short at the end of the disk, as a file."""
+        aligned = not (offset | length) & _SECTOR_MASK
+        if aligned and offset >= 0 and 0 <= length <= self.size - offset:
+            return self.stack.pread(offset, length)  # whole sectors: what the loop device sends
+
         if offset < 0 or length < 0:
             raise ValueError(f"{self.name}: read at offset {offset}, length {length}: negative")
         length = max(0, min(length, self.size - offset))

@@ -53,6 +53,7 @@ import struct
 import uuid as uuid_module
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Final
 
 import numpy as np
@@ -498,6 +499,27 @@ class SegmentIndex:
                 return position
         return -1
 
+    def cover(self, first: int, count: int) -> tuple[int, int] | None:
+        """``(entry offset, w1)`` of the one entry covering all of sectors [first, first+count).
+
+        None if no single entry does (a gap, or the range crosses entries). The fast path of a
+        small read: one bisect and two memoryview lookups, no arrays made.
+        """
+        keys = self._key_view
+        position = bisect_right(keys, (first << LENGTH_BITS) | MAX_SEGMENT_LENGTH) - 1
+        if position < 0:
+            return None
+        key = keys[position]
+        offset = key >> LENGTH_BITS
+        if offset + (key & MAX_SEGMENT_LENGTH) < first + count:
+            return None
+        return offset, self._mapping_view[position]
+
+    @cached_property
+    def _mapping_view(self) -> memoryview:
+        """The w1 words as a memoryview of Python ints, made once (as `_key_view`)."""
+        return _u64_view(self.mappings)
+
     def span(self, offset: int, length: int) -> tuple[int, int]:
         """Positions [first, stop) of the entries that overlap sectors [offset, offset+length).
 
@@ -513,17 +535,13 @@ class SegmentIndex:
         stop = bisect_left(keys, (offset + length) << LENGTH_BITS, first)
         return first, max(first, stop)
 
-    @property
+    @cached_property
     def _key_view(self) -> memoryview:
-        """The keys as a memoryview of Python ints, made once (the index is immutable)."""
-        view = self.__dict__.get("_keys_memoryview")
-        if view is None:
-            keys = self.keys
-            if keys.dtype != np.dtype("=u8") or not keys.flags.c_contiguous:
-                keys = np.ascontiguousarray(keys, np.dtype("=u8"))
-            view = memoryview(keys).cast("B").cast("Q")
-            self.__dict__["_keys_memoryview"] = view
-        return view
+        """The keys as a memoryview of Python ints, made once (the index is immutable).
+
+        A `cached_property` rather than a property: after the first use it is a plain
+        attribute, which the read path's few-microsecond budget notices."""
+        return _u64_view(self.keys)
 
     def slice(self, first: int, stop: int) -> SegmentIndex:
         return SegmentIndex(self.keys[first:stop], self.mappings[first:stop])
@@ -536,3 +554,10 @@ class SegmentIndex:
             f"SegmentIndex({len(self)} entries, sectors [{int(self.offset[0])}, "
             f"{int(self.end[-1])}), {mapped} sectors mapped)"
         )
+
+
+def _u64_view(array: np.ndarray) -> memoryview:
+    """`array` as a memoryview of native u64 Python ints (copied only if it is not one)."""
+    if array.dtype != np.dtype("=u8") or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, np.dtype("=u8"))
+    return memoryview(array).cast("B").cast("Q")

@@ -458,6 +458,7 @@ class ZFileReader:
         self._local = threading.local()
         self._crc_size = CRC_SIZE if self.verify else 0
         self._jump_view = memoryview(self.jump_table)
+        self._algo = self.descriptor.algo
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -628,13 +629,14 @@ class ZFileReader:
         self, decoder: types.ModuleType, raw: bytes, first: int, last: int, head: int, length: int
     ) -> bytes:
         """`length` bytes from `head` bytes into block `first`, decoded by the C loop."""
-        last_size = self._tail if last == self.block_count - 1 else self.block_size
+        block_size = self.block_size
+        last_size = self._tail if last == self.block_count - 1 else block_size
         result = decoder.read_range(
             raw,
             self._jump_view[first : last + 2],
-            self.block_size,
+            block_size,
             last_size,
-            self.descriptor.algo,
+            self._algo,
             self._crc_size,
             self.check_crc,
             head,

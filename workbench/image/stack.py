@@ -122,6 +122,7 @@ Piece = tuple[int, int, int, bool, int]
 
 _ZEROED_BIT = 1 << 55
 _MOFFSET_MASK = (1 << 55) - 1
+_SECTOR_MASK = ALIGNMENT - 1
 
 
 class LayerStack:
@@ -182,6 +183,8 @@ class LayerStack:
 
         if check_uuid_chain:
             self.check_chain()
+        # Layers never change size once open, so neither does the stack: every read asks.
+        self._size = self._virtual_size()
 
     # Layers ----------------------------------------------------------------------------
 
@@ -197,6 +200,9 @@ class LayerStack:
     @property
     def size(self) -> int:
         """Bytes of the virtual disk; see the module docstring for which layer decides."""
+        return self._size
+
+    def _virtual_size(self) -> int:
         for layer in reversed(self.layers):
             if layer.virtual_size > 0:
                 return layer.virtual_size
@@ -260,8 +266,18 @@ class LayerStack:
 
     def pread(self, offset: int, length: int) -> bytes:
         """`length` bytes of the virtual disk at `offset`; see the module docstring."""
-        self._check_aligned(offset, length, "read")
         recorder = trace.recorder
+        if (
+            recorder is None
+            and not (offset | length) & _SECTOR_MASK
+            and offset >= 0
+            and 0 < length <= self._size - offset
+        ):
+            whole = self._read_one_entry(offset >> SECTOR_SHIFT, length >> SECTOR_SHIFT)
+            if whole is not None:
+                return whole
+
+        self._check_aligned(offset, length, "read")
         if recorder is not None:
             start_ns = time.perf_counter_ns()
 
@@ -277,8 +293,8 @@ class LayerStack:
         return data
 
     def _read_sectors(self, first: int, count: int) -> bytes:
-        out = bytearray(count << SECTOR_SHIFT)
         recorder = trace.recorder
+        out = bytearray(count << SECTOR_SHIFT)
         for start, end, moffset, zeroed, tag in _runs(self._pieces(first, count)):
             if recorder is not None:
                 run_ns = time.perf_counter_ns()
@@ -302,6 +318,27 @@ class LayerStack:
                     hit=None,
                 )
         return bytes(out)
+
+    def _read_one_entry(self, first: int, count: int) -> bytes | None:
+        """The sectors if one read-only entry covers them all and the upper maps none of
+        them (most small reads), else None.
+
+        The general path checks alignment, cuts entries, joins runs and copies each into an
+        output buffer: ~8 us of Python for a 4 KiB read. This path reads the layer's bytes
+        and returns them as they are. Untraced reads only (`pread` tries it first): the
+        traced path emits an event per segment.
+        """
+        if self.upper is not None and self.upper.lookup(first, count):
+            return None
+        found = self.ro_index.cover(first, count)
+        if found is None:
+            return None
+
+        offset, mapping = found
+        if mapping & _ZEROED_BIT:
+            return bytes(count << SECTOR_SHIFT)
+        moffset = (mapping & _MOFFSET_MASK) + (first - offset)
+        return self._by_tag[mapping >> 56].read_data(moffset, count)
 
     def segments(self, offset: int = 0, length: int | None = None) -> pd.DataFrame:
         """Which layer serves which range of [offset, offset + length), as a DataFrame.
