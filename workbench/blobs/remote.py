@@ -36,13 +36,25 @@ from workbench.errors import WorkbenchError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteBlobFile", "TrioPortal", "WouldBlockError", "nonblocking"]
+__all__ = ["RemoteBlobFile", "TrioPortal", "WouldBlockError", "call_nonblocking", "nonblocking"]
+
+T = TypeVar("T")
 
 _may_block: contextvars.ContextVar[bool] = contextvars.ContextVar("may_block", default=True)
 
 
 class WouldBlockError(WorkbenchError):
     """Raised inside `nonblocking()` by a read that would have to wait for its source."""
+
+
+def call_nonblocking(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` inside `nonblocking()`; a plain call, for hot paths (the FUSE
+    server tries every request this way: a generator context manager costs ~1.5 us more)."""
+    token = _may_block.set(False)
+    try:
+        return function(*args)
+    finally:
+        _may_block.reset(token)
 
 
 @contextlib.contextmanager
@@ -57,9 +69,6 @@ def nonblocking() -> Iterator[None]:
         yield
     finally:
         _may_block.reset(token)
-
-
-T = TypeVar("T")
 
 
 class TrioPortal:

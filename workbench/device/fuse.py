@@ -70,7 +70,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from workbench.blobs.remote import WouldBlockError, nonblocking
+from workbench.blobs.remote import WouldBlockError, call_nonblocking
 from workbench.device.handler import BlockHandler, LbaRangeError
 from workbench.device.mount import DISK_NAME
 from workbench.errors import ReadOnlyError, WorkbenchError
@@ -223,7 +223,8 @@ class FuseDisk(pyfuse3.Operations):
     ) -> _T:
         """Run one handler call as its own tracing request; in a worker thread if it waits.
 
-        With `direct_first` the call is tried in the trio task first, inside `nonblocking()`:
+        With `direct_first` the call is tried in the trio task first, without blocking
+        (`call_nonblocking`):
         served from local files and the block cache it completes there, with no thread hop;
         a read that needs the registry raises `WouldBlockError` before fetching anything and
         the whole call is run again in a worker thread (reads and writes are idempotent, so
@@ -234,27 +235,34 @@ class FuseDisk(pyfuse3.Operations):
         Errors become the errno a file would give: EROFS for a read-only image, ENOSPC past
         the end of the disk, EIO (logged) for anything else the stack raises.
         """
+        # Untraced, a request id serves nobody: skip opening one (a few us per request).
+        if trace.recorder is None:
+            return await self._serve(op, function, args, direct_first)
         with trace.request(f"fuse-{op}", DISK_NAME, *span):
-            try:
-                if not self.threaded:
-                    return function(*args)
-                if direct_first:
-                    try:
-                        with nonblocking():
-                            result = function(*args)
-                        self.served_direct += 1
-                        return result
-                    except WouldBlockError:
-                        pass
-                self.served_in_threads += 1
-                return await trio.to_thread.run_sync(function, *args, limiter=self.limiter)
-            except ReadOnlyError as exc:
-                raise pyfuse3.FUSEError(errno.EROFS) from exc
-            except LbaRangeError as exc:
-                raise pyfuse3.FUSEError(errno.ENOSPC) from exc
-            except (WorkbenchError, OSError, ValueError) as exc:
-                log.error("%s: fuse %s failed: %s", self.handler.name, op, exc)
-                raise pyfuse3.FUSEError(errno.EIO) from exc
+            return await self._serve(op, function, args, direct_first)
+
+    async def _serve(
+        self, op: str, function: Callable[..., _T], args: tuple[object, ...], direct_first: bool
+    ) -> _T:
+        try:
+            if not self.threaded:
+                return function(*args)
+            if direct_first:
+                try:
+                    result = call_nonblocking(function, *args)
+                    self.served_direct += 1
+                    return result
+                except WouldBlockError:
+                    pass
+            self.served_in_threads += 1
+            return await trio.to_thread.run_sync(function, *args, limiter=self.limiter)
+        except ReadOnlyError as exc:
+            raise pyfuse3.FUSEError(errno.EROFS) from exc
+        except LbaRangeError as exc:
+            raise pyfuse3.FUSEError(errno.ENOSPC) from exc
+        except (WorkbenchError, OSError, ValueError) as exc:
+            log.error("%s: fuse %s failed: %s", self.handler.name, op, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
 
 
 def open_stack(
@@ -334,7 +342,10 @@ async def _main_until_signalled(fuse_dir: str, on_ready: Callable[[], None] | No
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         nursery.start_soon(_when_mounted, fuse_dir, on_ready)
-        await pyfuse3.main(min_tasks=4, max_tasks=MAX_IN_FLIGHT + 4)
+        # One task reads /dev/fuse while requests are served without waiting; pyfuse3 starts
+        # more only while some wait (for the registry). Four idle tasks contending for its
+        # read lock cost more than they gave (fio 4 KiB random, QD1 and QD32).
+        await pyfuse3.main(min_tasks=1, max_tasks=MAX_IN_FLIGHT + 4)
         nursery.cancel_scope.cancel()
 
 
