@@ -107,3 +107,59 @@ def registry(quick: bool, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as out:
             json.dump([table.to_dict() for table in tables], out, indent=2)
+
+
+@bench.command("device")
+@click.option("--quick", is_flag=True, help="A smoke run of well under a minute (32 MiB image).")
+@click.option(
+    "--image-size",
+    default=None,
+    help="Size of the ext4 test image (e.g. 768M, the default; 32M with --quick).",
+)
+@click.option(
+    "--compress",
+    type=click.Choice(["lz4", "zstd", "none"]),
+    default="lz4",
+    show_default=True,
+    help="How the layer is stored: ZFile lz4 or zstd, or uncompressed.",
+)
+@click.option("--runtime", type=float, default=None, help="Seconds per fio job (10; 2 quick).")
+@click.option("--repeats", type=int, default=None, help="Runs per side (median kept; 3; 1 quick).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder for the images (default: the system's temporary folder).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def device(
+    quick: bool,
+    image_size: str | None,
+    compress: str,
+    runtime: float | None,
+    repeats: int | None,
+    workdir: str | None,
+    json_path: str | None,
+) -> None:
+    """The mounted image vs the same ext4 on a plain loop device (needs root, fio, FUSE).
+
+    Builds an ext4 image from part of this machine's /usr and mounts it twice: the raw file
+    on a plain loop device, and the image imported as an LSMT layer through the workbench
+    (FUSE disk file, loop, ext4). Targets, as ratios to the plain loop: sequential read
+    >= 0.5, 4 KiB random read IOPS at queue depth 1 and 32 >= 0.25, `du` and `tar` within
+    4x; and the handler's own time per 4 KiB cache hit <= 10 us.
+    """
+    from workbench.bench.device import DeviceBenchmark, bench_device
+
+    settings = DeviceBenchmark.quick() if quick else DeviceBenchmark()
+    settings.compress = None if compress == "none" else compress
+    if image_size is not None:
+        settings.image_size = parse_size(image_size)
+    if runtime is not None:
+        settings.runtime_s = runtime
+    if repeats is not None:
+        settings.repeats = repeats
+
+    tables = bench_device(settings, workdir, out=sys.stdout)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump([table.to_dict() for table in tables], out, indent=2)
