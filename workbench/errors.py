@@ -14,6 +14,7 @@ __all__ = [
     "AlignmentError",
     "AuthenticationError",
     "BlobNotFoundError",
+    "BuildError",
     "ChecksumError",
     "CorruptFileError",
     "DigestMismatchError",
@@ -23,8 +24,11 @@ __all__ = [
     "LayerStackError",
     "ManifestError",
     "ManifestNotFoundError",
+    "ProbeError",
+    "ProbeTimeoutError",
     "RangeError",
     "ReadOnlyError",
+    "RecipeError",
     "RegistryError",
     "RegistryTimeoutError",
     "UnsupportedFormatError",
@@ -120,3 +124,22 @@ class UnsupportedImageError(ManifestError):
     acceleration layer below the top, or annotations that contradict the layer descriptor.
     The message names the image, the layer (index and digest) and what to do.
     """
+
+
+# Evaluation images (workbench.datasets).
+
+
+class RecipeError(WorkbenchError, ValueError):
+    """Raised for a dataset recipe that does not parse or breaks a rule (names file and key)."""
+
+
+class BuildError(WorkbenchError, RuntimeError):
+    """Raised when a step of an image build fails; names the image, the layer and the output."""
+
+
+class ProbeError(WorkbenchError, RuntimeError):
+    """Raised when a workload can no longer become ready (its output ended, it exited)."""
+
+
+class ProbeTimeoutError(ProbeError, TimeoutError):
+    """Raised when a workload is not ready by the deadline; carries the last evidence seen."""
