@@ -14,8 +14,12 @@ cd "$top"
 # the registry tests (skopeo copy and ctr image pull against the embedded registry); fuse3 and
 # libfuse3-dev serve the image as a FUSE disk file (pip builds pyfuse3 against libfuse3), and
 # util-linux's losetup attaches it as a loop device; fio drives `workbench bench device`.
+# The evaluation images (workbench dataset): debootstrap makes the Debian base layer,
+# busybox-static is the tiny test image's content, iproute2's `ip` brings up lo in a
+# workload's own network namespace (util-linux's unshare and coreutils' chroot do the rest).
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
-    tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux fio)
+    tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux fio
+    debootstrap busybox-static iproute2 coreutils)
 
 missing=()
 for package in "${apt_packages[@]}"; do

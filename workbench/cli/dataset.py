@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from workbench import datasets
-from workbench.datasets.build import LayerRecord, default_cache_dir
+from workbench.datasets.engine import LayerRecord, default_cache_dir
 from workbench.datasets.recipe import load_recipe, recipe_hash
 from workbench.errors import RecipeError
 

@@ -1,7 +1,7 @@
 """Evaluation images: real multi-layer OCI images built offline from recipes, with workloads.
 
 The recipes are the TOML files in the top-level ``datasets/`` directory (one per image,
-described in `workbench.datasets.recipe`); the engine (`workbench.datasets.build`) builds
+described in `workbench.datasets.recipe`); the engine (`workbench.datasets.engine`) builds
 them from Debian packages (debootstrap, apt in a chroot), PyPI wheels and files,
 reproducibly (the same recipe gives the same layer digests), into OCI image layouts cached by
 recipe hash. Every image carries its workload: what it runs and when that counts as ready.
@@ -36,7 +36,7 @@ The CLI is ``workbench dataset list | build NAME | path NAME | push NAME REF | w
 Caveats:
 - building needs root; the Debian images need the Debian mirror (and python-numpy-pandas
   PyPI) and take minutes; busybox needs neither and takes seconds;
-- see the caveats of `build`, `layer`, `probes` and `chroot`.
+- see the caveats of `engine`, `layer`, `probes` and `chroot`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from workbench.datasets.build import build_image, default_cache_dir
+from workbench.datasets.engine import build_image, default_cache_dir
 from workbench.datasets.probes import ExitProbe, HttpProbe, LineProbe, Probe, ReadyResult
 from workbench.datasets.recipe import Recipe, Workload, load_recipe, recipes_dir
 
@@ -60,6 +60,7 @@ __all__ = [
     "default_cache_dir",
     "push",
     "recipes",
+    "recipes_dir",
     "workload",
 ]
 
@@ -96,7 +97,7 @@ def push(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> str:
     """Build `name` if needed and push it to `reference` (host/repo:tag); -> manifest digest."""
-    from workbench.datasets.push import push_layout
+    from workbench.datasets.publish import push_layout
 
     layout = build(name, cache_dir=cache_dir)
     return push_layout(layout, reference, tag=name, insecure=insecure)

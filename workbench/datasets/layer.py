@@ -1,6 +1,6 @@
 """A layer's directory tree made reproducible, then written as an OCI layer (tar+gzip).
 
-A layer is built as the upper directory of an overlay mount (workbench.datasets.build): new
+A layer is built as the upper directory of an overlay mount (workbench.datasets.engine): new
 and changed files are there as they are, a deletion is an overlayfs whiteout (a character
 device 0:0) and a replaced directory is opaque (xattr ``trusted.overlay.opaque = y``).
 `finalize` makes that tree the same on every build, then `write_layer` writes it as OCI:
@@ -255,13 +255,15 @@ def _walk(
     root: str, prefix: str, epoch: int, links: dict[tuple[int, int], str]
 ) -> Iterator[tuple[tarfile.TarInfo, str]]:
     directory = os.path.join(root, prefix) if prefix else root
-    for name in sorted(os.listdir(directory), key=os.fsencode):
+    listing = [(name, os.lstat(os.path.join(directory, name))) for name in os.listdir(directory)]
+    # Sorted by the name in the tar (a whiteout is stored as .wh.NAME).
+    listing.sort(key=lambda item: os.fsencode(_is_whiteout(item[1]) * ".wh." + item[0]))
+    for name, info in listing:
         relative = f"{prefix}{name}"
         path = os.path.join(root, relative)
-        info = os.lstat(path)
         mode = info.st_mode
 
-        if stat.S_ISCHR(mode) and info.st_rdev == 0:
+        if _is_whiteout(info):
             yield _whiteout(f"{prefix}.wh.{name}", epoch), path
             continue
         if stat.S_ISSOCK(mode):
@@ -312,6 +314,10 @@ def _header(name: str, path: str, info: os.stat_result, epoch: int) -> tarfile.T
     if records:
         entry.pax_headers = records
     return entry
+
+
+def _is_whiteout(info: os.stat_result) -> bool:
+    return stat.S_ISCHR(info.st_mode) and info.st_rdev == 0
 
 
 def _whiteout(name: str, epoch: int) -> tarfile.TarInfo:

@@ -389,14 +389,16 @@ def _run_step(script: str, log_path: Path, where: str, progress: bool) -> None:
     with log_path.open("wb") as sink:
         sink.write(script.encode() + b"\n--- output ---\n")
         sink.flush()
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        assert process.stdout is not None
-        for line in process.stdout:
-            sink.write(line)
-            if progress:
-                sys.stderr.buffer.write(b"    " + line)
-                sys.stderr.flush()
-        code = process.wait()
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        ) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                sink.write(line)
+                if progress:
+                    sys.stderr.buffer.write(b"    " + line)
+                    sys.stderr.flush()
+            code = process.wait()
     if code != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL:]
         raise BuildError(
