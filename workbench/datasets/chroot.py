@@ -40,7 +40,7 @@ from types import TracebackType
 
 from workbench.datasets.probes import ReadyResult, drain
 from workbench.datasets.recipe import Workload
-from workbench.errors import BuildError
+from workbench.errors import BuildError, ProbeError
 
 __all__ = ["Running", "start", "unpack"]
 
@@ -91,13 +91,18 @@ class Running:
         probe = self.workload.probe
         if probe.kind == "exit":
             return probe.wait(self.process, deadline)
-        if probe.kind == "http":
-            result = probe.wait(None, deadline, netns=self.netns, process=self.process)
-        else:
+        if probe.kind != "http":
             result = probe.wait(self.process.stdout, deadline, process=self.process)
-        if self.process.stdout is not None:
             drain(self.process.stdout)
-        return result
+            return result
+
+        # The probe does not read the output: keep its tail for the error message.
+        tail = _Tail()
+        drain(self.process.stdout, tail)
+        try:
+            return probe.wait(None, deadline, netns=self.netns, process=self.process)
+        except ProbeError as exc:
+            raise type(exc)(f"{exc}; the workload's last output: {tail.text()}") from None
 
     def stop(self) -> int:
         """Kill the workload (its whole PID namespace) and wait; returns the exit status."""
@@ -115,6 +120,23 @@ class Running:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class _Tail:
+    """A write-only sink that keeps the last few KiB written to it."""
+
+    def __init__(self, limit: int = 2048) -> None:
+        self._data = bytearray()
+        self._limit = limit
+
+    def write(self, chunk: bytes) -> int:
+        self._data += chunk
+        del self._data[: max(0, len(self._data) - self._limit)]
+        return len(chunk)
+
+    def text(self) -> str:
+        lines = bytes(self._data).decode("utf-8", "replace").strip().splitlines()
+        return " | ".join(lines[-8:]) or "(none)"
 
 
 def start(workload: Workload, rootfs: Path, run_dir: Path, *, net: str = "host") -> Running:

@@ -72,7 +72,7 @@ __all__ = ["ENGINE_VERSION", "LayerRecord", "build_image", "default_cache_dir", 
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 """Part of every layer key: bump it when a change to the engine changes what a layer holds."""
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
