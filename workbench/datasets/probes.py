@@ -158,17 +158,10 @@ class LineProbe(Probe):
             line = reader.match(matcher)
             if line is not None:
                 return ReadyResult(time.monotonic(), line)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ProbeTimeoutError(
-                    f"not ready by the deadline: no line of output matched {self.pattern!r}; "
-                    f"last output: {reader.tail()}"
-                )
-            readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
-            if not readable:
+            chunk = _next_chunk(fd, deadline, f"no line matched {self.pattern!r}", reader)
+            if chunk is None:
                 _check_alive(process, self, reader.tail())
                 continue
-            chunk = os.read(fd, 65536)
             if not chunk:
                 line = reader.finish(matcher)
                 if line is not None:
@@ -242,6 +235,17 @@ class _LineReader:
         if self._pending:
             lines.append(self._pending.decode("utf-8", "replace"))
         return " | ".join(lines[-TAIL_LINES:]) or "(none)"
+
+
+def _next_chunk(fd: int, deadline: float, waiting_for: str, reader: _LineReader) -> bytes | None:
+    """The next bytes of `fd` (b"" at its end), or None after half a second without any."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ProbeTimeoutError(
+            f"not ready by the deadline: {waiting_for}; last output: {reader.tail()}"
+        )
+    readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+    return os.read(fd, 65536) if readable else None
 
 
 def drain(stream: IO[bytes] | int, sink: IO[bytes] | None = None) -> threading.Thread:
@@ -405,18 +409,8 @@ class ExitProbe(Probe):
         reader = _LineReader()
         if target.stdout is not None:
             fd = target.stdout.fileno()
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ProbeTimeoutError(
-                        f"not ready by the deadline: the process did not exit; last output: "
-                        f"{reader.tail()}"
-                    )
-                readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
-                if readable:
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
+            while (chunk := _next_chunk(fd, deadline, "the process did not exit", reader)) != b"":
+                if chunk:
                     reader.feed(chunk)
         try:
             code = target.wait(max(0.0, deadline - time.monotonic()))

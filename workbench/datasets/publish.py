@@ -19,8 +19,9 @@ import json
 import logging
 from pathlib import Path
 
-from workbench.errors import BlobNotFoundError, DigestMismatchError, ImageReferenceError
+from workbench.errors import DigestMismatchError, ImageReferenceError
 from workbench.registry.client import OCI_MANIFEST
+from workbench.registry.image import _has_blob  # one HEAD per blob, shared with push_image
 from workbench.registry.reference import ImageReference
 from workbench.registry.session import RegistrySession
 
@@ -76,11 +77,3 @@ def _manifest_digest(layout: Path, tag: str | None) -> str:
 def _blob(layout: Path, digest: str) -> Path:
     algorithm, hexdigest = digest.split(":", 1)
     return layout / "blobs" / algorithm / hexdigest
-
-
-def _has_blob(session: RegistrySession, ref: ImageReference, digest: str) -> bool:
-    try:
-        session.run(session.client.blob_size, ref, digest)
-    except BlobNotFoundError:
-        return False
-    return True
