@@ -17,7 +17,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from conftest import need, need_builder
-from registries import REGISTRIES, start_registry
+from registries import REGISTRIES, containerd_daemon, start_registry
 
 from workbench import datasets
 from workbench.cli.dataset import dataset as dataset_command
@@ -183,6 +183,19 @@ def test_push_gives_the_local_digest(busybox: Path, cache: Path, tmp_path: Path)
             )
             assert reply.status_code == 200
             assert reply.headers["docker-content-digest"] == local
+
+
+@pytest.mark.slow
+def test_containerd_pulls_and_runs_the_image(busybox: Path, cache: Path, tmp_path: Path) -> None:
+    """A real runtime takes the image: ctr pulls it from the registry and runs its echo."""
+    need(shutil.which("runc") is not None, "runc is not installed")
+    with start_registry("embedded", tmp_path) as url, containerd_daemon(tmp_path) as ctr:
+        reference = f"{url.removeprefix('http://')}/bench/busybox:v1"
+        datasets.push("busybox", reference, cache_dir=cache)
+        ctr.ctr("image", "pull", "--plain-http", reference)
+        echo = datasets.workload("busybox", "echo")
+        output = ctr.ctr("run", "--rm", reference, "workbench-echo", *echo.command)
+    assert output.strip() == "hello"
 
 
 def test_cli(busybox: Path, cache: Path) -> None:
