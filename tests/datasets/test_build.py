@@ -150,6 +150,26 @@ def test_failed_step_names_layer_and_log(cache: Path, tmp_path: Path) -> None:
         shutil.rmtree(directory)
 
 
+def test_leftovers_of_a_killed_build_are_removed(cache: Path, tmp_path: Path) -> None:
+    recipes = _derived_recipes(tmp_path)
+    (recipes / "busybox-again.toml").write_text(
+        (recipes / "busybox-more.toml").read_text().replace("new page", "newer page")
+    )
+    killed = [
+        cache / "tmp" / "0123-99999" / "upper" / "file",
+        cache / "blobs" / "sha256" / ".layer-99999.tmp",
+        cache / "images" / ".busybox.tmp-99999" / "index.json",
+    ]
+    for path in killed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+
+    build_image("busybox-again", cache_dir=cache, recipes=recipes)
+
+    assert not any(path.exists() for path in killed)
+    assert not (cache / "tmp" / "0123-99999").exists()
+
+
 def _mounted(path: Path) -> bool:
     return str(path) in Path("/proc/self/mountinfo").read_text()
 

@@ -72,7 +72,7 @@ __all__ = ["ENGINE_VERSION", "LayerRecord", "build_image", "default_cache_dir", 
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "2"
+ENGINE_VERSION = "3"
 """Part of every layer key: bump it when a change to the engine changes what a layer holds."""
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -140,6 +140,7 @@ def build_image(
     with _locked(cache):
         if _is_built(image_dir, wanted):
             return image_dir
+        _remove_leftovers(cache)
         started = time.monotonic()
         records = _build_layers(recipe, cache, progress)
         _write_layout(recipe, records, cache, image_dir, wanted)
@@ -153,6 +154,20 @@ def _is_built(image_dir: Path, wanted: str) -> bool:
         return stamp.read_text().strip() == wanted and (image_dir / "index.json").is_file()
     except FileNotFoundError:
         return False
+
+
+def _remove_leftovers(cache: Path) -> None:
+    """What a killed build left (its work directory, a half-written blob); under the lock."""
+    for work in sorted((cache / "tmp").glob("*")):
+        if work.is_dir() and not (work / "build.log").exists():
+            shutil.rmtree(work, ignore_errors=True)
+        elif work.is_dir():
+            for part in ("upper", "work", "merged"):
+                shutil.rmtree(work / part, ignore_errors=True)
+    for partial in (cache / "blobs" / "sha256").glob(".*.tmp*"):
+        partial.unlink(missing_ok=True)
+    for partial in (cache / "images").glob(".*.tmp-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 @contextlib.contextmanager

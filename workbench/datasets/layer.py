@@ -11,7 +11,8 @@ device 0:0) and a replaced directory is opaque (xattr ``trusted.overlay.opaque =
 `finalize`, in this order:
 1. scrub what differs from build to build and belongs to no image: logs of dpkg, apt and
    debootstrap, apt's package lists and caches, ldconfig's aux-cache, debconf and dpkg
-   ``*-old`` backups; /etc/hostname and /etc/resolv.conf (copied from the host) are emptied;
+   ``*-old`` backups; other files under /var/log, /etc/hostname and /etc/resolv.conf (copied
+   from the host) are emptied;
    the last-change day in /etc/shadow is set to the epoch's day;
 2. fix the .pyc pitfall (shared/specs/runtime-notes.md section 2): a timestamp-based .pyc
    whose header matches its source's mtime gets the clamped mtime written into its header,
@@ -108,6 +109,10 @@ def _scrub(root: Path, epoch: int) -> None:
         for path in sorted(root.glob(pattern), reverse=True):
             if path.is_file() or path.is_symlink():
                 _remove(path)
+    # Whatever else a postinst logged (timestamps): kept as an empty file, owner and mode kept.
+    for path in sorted((root / "var" / "log").rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size:
+            path.write_bytes(b"")
     for name in _EMPTY_FILES:
         path = root / name
         if path.is_file() and not path.is_symlink() and path.stat().st_size:
