@@ -73,7 +73,16 @@ def with_acceleration_layer(config: ImageConfig, layer: str | os.PathLike[str]) 
         )
     import dataclasses
 
-    lowers = [*config.lowers, LowerConfig(file=os.path.abspath(layer))]
+    # Paths made absolute, so the new config may be written anywhere.
+    lowers = [
+        dataclasses.replace(
+            lower,
+            file=str(config.resolve_path(lower.file)) if lower.file else "",
+            dir=str(config.resolve_path(lower.dir)) if lower.dir else "",
+        )
+        for lower in config.lowers
+    ]
+    lowers.append(LowerConfig(file=os.path.abspath(layer)))
     return dataclasses.replace(config, lowers=lowers, acceleration_layer=True)
 
 
