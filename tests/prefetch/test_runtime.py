@@ -172,3 +172,25 @@ def test_auto_mode_is_decided_from_the_file(tmp_path: Path) -> None:
     assert PrefetchConfig(str(path)).resolved().mode == "replay"
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
         PrefetchConfig(str(path), concurrency=0)
+
+
+def test_coalescing_joins_adjacent_reads_of_one_file_in_order_up_to_the_limit() -> None:
+    from workbench.prefetch.runtime import coalesce
+
+    one, two = CountingFile(8 * MiB), CountingFile(8 * MiB)
+    jobs = [
+        Job(one, 0, 4096),
+        Job(one, 4096, 4096),  # adjacent: joined
+        Job(one, 2048, 8192),  # overlapping: joined
+        Job(two, 12288, 4096),  # another file: kept apart
+        Job(one, 12288, 4096),
+        Job(one, 65536, MiB),  # a gap: kept apart
+        Job(one, 65536 + MiB, 4096),  # would pass the 1 MiB limit: kept apart
+    ]
+    assert coalesce(jobs) == [
+        Job(one, 0, 10240),
+        Job(two, 12288, 4096),
+        Job(one, 12288, 4096),
+        Job(one, 65536, MiB),
+        Job(one, 65536 + MiB, 4096),
+    ]

@@ -89,7 +89,7 @@ class ServerServices:
     def _start_prefetch(self, config: str, record: str | None, replay: str | None) -> None:
         from workbench.formats.config import ImageConfig
         from workbench.prefetch.layer import read_acceleration_trace
-        from workbench.prefetch.runtime import Prefetcher, TraceRecording, trace_jobs
+        from workbench.prefetch.runtime import Prefetcher, TraceRecording, coalesce, trace_jobs
         from workbench.prefetch.tracefile import TraceFile
 
         image = ImageConfig.load(config)
@@ -110,18 +110,41 @@ class ServerServices:
         elif image.acceleration_layer:
             trace, source = read_acceleration_trace(image), "acceleration layer"
         if trace is not None:
-            jobs = trace_jobs(self.stack, trace)
-            self.prefetcher = Prefetcher(jobs, self.concurrency, "replay", source).start()
+            jobs = coalesce(trace_jobs(self.stack, trace))
+            self.prefetcher = Prefetcher(
+                jobs, self.concurrency, "replay", source, on_finish=self._pause_readahead()
+            ).start()
 
     def prefetch_ranges(self, ranges: list[tuple[int, int]]) -> None:
         """Prefetch disk ranges (a resolved priority list); queued after any replay."""
-        from workbench.prefetch.runtime import Prefetcher, range_jobs
+        from workbench.prefetch.runtime import Prefetcher, coalesce, range_jobs
 
-        jobs = range_jobs(self.stack, ranges)
+        jobs = coalesce(range_jobs(self.stack, ranges))
         if self.prefetcher is None:
-            self.prefetcher = Prefetcher(jobs, self.concurrency, "list", "priority list").start()
+            self.prefetcher = Prefetcher(
+                jobs, self.concurrency, "list", "priority list", self._pause_readahead()
+            ).start()
         else:
             self.prefetcher.add(jobs)
+
+    def _pause_readahead(self) -> Any:
+        """Turn the block cache's readahead off while prefetching; returns what turns it back.
+
+        The prefetcher knows what the start will read; readahead guessing beside it fetches
+        whole windows the start never reads, on the same link (measured by `workbench bench
+        prefetch`: the application's reads fetched more than the replay itself).
+        """
+        from workbench.prefetch.runtime import cached_blobs
+
+        paused = [blob for blob in cached_blobs(self.stack) if blob.readahead]
+        for blob in paused:
+            blob.readahead = False
+
+        def resume() -> None:
+            for blob in paused:
+                blob.readahead = True
+
+        return resume
 
     def prefetch_status(self) -> Any:
         if self.recording is not None:

@@ -12,7 +12,10 @@ the lock and creates ``TRACE.ok``.
 block cache while the application runs. `trace_jobs` plans the jobs of a trace file,
 `range_jobs` those of disk ranges (the priority-list mode). A job reads the compressed bytes
 below a ZFile layer (`ZFileReader.stored_range`): the cache keeps compressed blocks, so
-decompressing them during prefetch would only cost CPU.
+decompressing them during prefetch would only cost CPU. `coalesce` joins reads that follow
+each other in one file into one (a registry round trip each otherwise). While a replay runs
+the FUSE server turns the block cache's readahead off (`cached_blobs`): the trace knows what
+the start reads, and readahead windows beside it only compete for the link.
 
 Caveats:
 - recording wraps the lowers of a stack already open: the header and index reads made when
@@ -41,6 +44,8 @@ __all__ = [
     "Job",
     "Prefetcher",
     "TraceRecording",
+    "cached_blobs",
+    "coalesce",
     "range_jobs",
     "trace_jobs",
 ]
@@ -219,6 +224,7 @@ class Prefetcher:
         concurrency: int = DEFAULT_CONCURRENCY,
         mode: str = "replay",
         source: str = "",
+        on_finish: Any = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"prefetch concurrency must be >= 1, not {concurrency}")
@@ -237,6 +243,8 @@ class Prefetcher:
         self._active = 0
         self.started = 0.0
         self.finished_at: float | None = None
+        self.on_finish = on_finish
+        """Called (in a prefetch thread) once every queued read is done."""
 
     def start(self) -> Prefetcher:
         self.started = self.started or time.monotonic()
@@ -299,6 +307,11 @@ class Prefetcher:
                     self.failed,
                     self.finished_at - self.started,
                 )
+                finished = True
+            else:
+                finished = False
+        if finished and self.on_finish is not None:
+            self.on_finish()
 
     @property
     def finished(self) -> bool:
@@ -333,6 +346,51 @@ class Prefetcher:
                 "seconds": round(end - self.started, 3) if self.started else 0.0,
                 "finished": self.finished_at is not None,
             }
+
+
+def cached_blobs(stack: Any) -> list[Any]:
+    """The block-cache handles (`CachedBlob`) under the stack's lowers, found by walking
+    each layer file's wrappers (``source``, ``inner``, ``_blob``)."""
+    from workbench.blobs.cache import CachedBlob
+
+    found: list[Any] = []
+    for layer in stack.lowers:
+        node, seen = getattr(layer, "file", None), 0
+        while node is not None and seen < 16:
+            if isinstance(node, CachedBlob):
+                if node not in found:
+                    found.append(node)
+                break
+            node = next(
+                (
+                    getattr(node, name)
+                    for name in ("source", "inner", "_blob")
+                    if hasattr(node, name)
+                ),
+                None,
+            )
+            seen += 1
+    return found
+
+
+def coalesce(jobs: list[Job], gap: int = 0, limit: int = 1 << 20) -> list[Job]:
+    """Join each job to the one before it when it reads the same file just after it (within
+    `gap` bytes, overlaps included) and the joined read stays under `limit`: one request
+    where the trace has many small ones (a registry round trip each), order kept."""
+    joined: list[Job] = []
+    for job in jobs:
+        last = joined[-1] if joined else None
+        if (
+            last is not None
+            and job.file is last.file
+            and last.offset <= job.offset <= last.offset + last.length + gap
+            and max(last.offset + last.length, job.offset + job.length) - last.offset <= limit
+        ):
+            end = max(last.offset + last.length, job.offset + job.length)
+            joined[-1] = Job(last.file, last.offset, end - last.offset)
+        else:
+            joined.append(job)
+    return joined
 
 
 def _split(job: Job) -> list[Job]:
