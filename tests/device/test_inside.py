@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -376,4 +375,18 @@ def test_recording_an_image_with_an_acceleration_layer_is_refused(
         )
 
 
-_ = (shutil, tree_files)
+def test_a_damaged_trace_fails_the_mount_and_leaves_nothing_behind(
+    image: tuple[Path, Path], tmp_path: Path, run_dir: Path
+) -> None:
+    from workbench.device.mount import MountError, list_mounts
+
+    config, _source = image
+    trace = tmp_path / "app.trace"
+    TraceFile([]).dump(trace)
+    trace.write_bytes(trace.read_bytes() + b"x")  # data_size no longer matches
+    target = tmp_path / "mnt"
+    target.mkdir()
+    with pytest.raises(MountError, match="did not start"):
+        mount_image(config, target, run_dir=run_dir, prefetch=PrefetchConfig.replay(trace))
+    assert list_mounts(run_dir) == []
+    assert not os.path.ismount(target)
