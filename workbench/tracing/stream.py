@@ -56,42 +56,28 @@ class Follower:
         return events
 
 
-class _HubRecorder(Recorder):
-    """A recorder that passes each event to the recorder below and to every follower."""
+class _FanOut:
+    """Stands in for a recorder's event list: each appended event goes to the recorder below
+    (if any) and to every follower."""
 
     def __init__(self, hub: TraceHub, below: Recorder | None) -> None:
-        super().__init__()
         self.hub = hub
         self.below = below
 
-    def emit(
-        self,
-        layer: str,
-        op: str,
-        target: str,
-        offset: int,
-        length: int,
-        start_ns: int,
-        nbytes: int = 0,
-        hit: bool | None = None,
-    ) -> None:
-        end_ns = time.perf_counter_ns()
-        event = Event(
-            layer,
-            op,
-            target,
-            offset,
-            length,
-            start_ns,
-            end_ns - start_ns,
-            nbytes,
-            hit,
-            core.current_request(),
-        )
+    def append(self, event: Event) -> None:
         if self.below is not None:
             self.below.events.append(event)
         for follower in self.hub.followers:
             follower.push(event)
+
+
+class _HubRecorder(Recorder):
+    """A `Recorder` whose `emit` (inherited) hands each event on instead of keeping it."""
+
+    def __init__(self, hub: TraceHub, below: Recorder | None) -> None:
+        super().__init__()
+        self.below = below
+        self.events = _FanOut(hub, below)  # type: ignore[assignment]
 
 
 class TraceHub:
