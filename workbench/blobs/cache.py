@@ -791,6 +791,23 @@ class CachedBlob:
     def statistics(self) -> BlobStatistics:
         return self._state.statistics()
 
+    @property
+    def refill_size(self) -> int:
+        """Bytes per block (the last block of the blob may be shorter)."""
+        return self._state.refill
+
+    def presence(self) -> np.ndarray:
+        """One boolean per block, True where the block is present: a copy, taken now.
+
+        The table changes in the cache's trio thread; a copy read from another thread is a
+        snapshot that may miss a fill finishing at the same moment, never a torn record.
+        """
+        return self._state.records["state"] == PRESENT
+
+    def block_lengths(self) -> np.ndarray:
+        """Bytes of each block (refill size, the last one shorter)."""
+        return self._state.lengths.copy()
+
     def close(self) -> None:
         """Stop this handle's background download; the cached blocks stay."""
         if self._closed:
