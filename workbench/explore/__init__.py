@@ -14,10 +14,11 @@
 
 Everything here wraps the objects the CLI uses (`open_image`, `LayerStack`, `ReadOnlyLayer`,
 `SegmentIndex`, the tracing recorder, `BlockCache`/`CachedBlob`, `RegistrySession`); see
-`workbench.explore.image`, `.trace`, `.cache` and `.plots`.
+`workbench.explore.image`, `.trace`, `.cache` and `.plots`; `.build` makes small ext4
+images of this machine's files for the teaching notebooks.
 """
 
-from workbench.explore import plots
+from workbench.explore import build, plots
 from workbench.explore.cache import BlobCache, cache_frame, inventory_frame
 from workbench.explore.image import Image, open, zfile_blocks
 from workbench.explore.trace import Trace, TracedRead, tracing
@@ -27,6 +28,7 @@ __all__ = [
     "Image",
     "Trace",
     "TracedRead",
+    "build",
     "cache_frame",
     "inventory_frame",
     "open",

@@ -132,7 +132,8 @@ def access_pattern(
     else:
         ax.scatter(start_ms, middle, s=8, label=f"{layer} {op or ''}".strip())
     ax.set_xlabel("time since the trace started (ms)")
-    ax.set_ylabel(f"offset ({layer} space, MiB)")
+    disk = layer in ("request", "device", "image")
+    ax.set_ylabel("offset on the disk (MiB)" if disk else f"offset in the {layer} file (MiB)")
     ax.set_title(f"access pattern: {len(events)} {layer} {op or 'events'}")
 
     registry = trace.fetches
