@@ -21,13 +21,21 @@ KERNEL = "workbench-teach"
 NEEDS_ROOT = {"4-lazy-loading"}
 
 
-def test_the_series_is_there() -> None:
+def test_the_series_is_there_without_outputs() -> None:
+    import nbformat
+
     assert [path.stem for path in NOTEBOOKS] == [
         "1-why-blocks",
         "2-writing",
         "3-zfile",
         "4-lazy-loading",
     ]
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+        kept = [cell.id for cell in notebook.cells if cell.get("outputs")]
+        assert not kept, f"{path.name} is stored with outputs in cells {kept}; clear them"
+        assert "WORKBENCH_NOTEBOOK_DIR" in notebook.cells[1].source  # parameters come first
 
 
 @pytest.fixture

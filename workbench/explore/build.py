@@ -5,7 +5,8 @@
     layer = explore.build.import_layer(raw, workdir / "layer.tar")     # LSMT (ZFile, tar)
 
 `gather` copies directories (or files) into one tree, `make_ext4` makes an ext4 image of a
-tree with ``mkfs.ext4 -d`` (no root needed, no mount), sized to fit it, and `import_layer`
+tree with ``mkfs.ext4 -d`` (no root needed, no mount), sized to fit it and with the options
+OverlayBD's snapshotter uses (no journal, one block group per flex group), and `import_layer`
 turns the raw image into a committed layer with `workbench.image.commit.import_raw`, leaving
 out all-zero blocks as ``workbench lsmt import`` does.
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 BLOCK = 4096
 MiB = 1 << 20
+
+OVERLAYBD_FEATURES = "^has_journal,sparse_super,flex_bg"
+"""The ext4 features OverlayBD's snapshotter makes its file systems with (with ``-G 1``)."""
 
 
 def gather(sources: Iterable[str | os.PathLike[str]], root: str | os.PathLike[str]) -> Path:
@@ -85,7 +89,8 @@ def make_ext4(
     raw_path = Path(raw_path)
     raw_path.unlink(missing_ok=True)
     command = [mkfs, "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-L", label, "-d", str(root)]
-    command += ["-E", "root_owner=0:0", str(raw_path), f"{size_bytes // 1024}k"]
+    command += ["-O", OVERLAYBD_FEATURES, "-G", "1", "-E", "root_owner=0:0"]
+    command += [str(raw_path), f"{size_bytes // 1024}k"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(
