@@ -248,3 +248,60 @@ def test_plots_draw_figures(image_dir: Path, registry_image, tmp_path: Path) -> 
         explore.plots.access_pattern(trace, layer="device")
     plt.close("all")
     assert isinstance(trace.events, pd.DataFrame)
+
+
+def test_writable_upper_of_a_config_shows_in_the_indexes(image_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from workbench.formats.config import UpperConfig
+
+    for name in ("base.tar", "app.zfile"):
+        shutil.copy(image_dir / name, tmp_path / name)
+    WritableLayer.create(tmp_path / "upper.data", tmp_path / "upper.index", SIZE).close()
+    config = ImageConfig(
+        lowers=[LowerConfig(file="base.tar"), LowerConfig(file="app.zfile")],
+        upper=UpperConfig(data="upper.data", index="upper.index"),
+    )
+    config.dump(tmp_path / "config.v1.json")
+
+    with explore.open(tmp_path / "config.v1.json", upper="writable") as image:
+        image.pwrite(6 * MiB, b"u" * (8 * KiB))
+        image.trim(0, 4 * KiB)
+        layers = image.layers()
+        upper = image.layer_index(2)
+        merged = image.merged_index()
+        read = image.read(0, 8 * KiB)
+    assert list(layers.kind) == ["lower", "lower", "upper"] and layers.tag.iloc[2] == 2
+    assert list(upper.kind) == ["zeroed", "data"] and set(upper.layer) == {"upper.data"}
+    assert merged.iloc[0].to_dict() == {
+        "offset": 0,
+        "length": 4 * KiB,
+        "end": 4 * KiB,
+        "kind": "zeroed",
+        "moffset": -1,
+        "tag": 2,
+        "layer": "upper.data",
+    }
+    assert merged.iloc[-1].layer == "upper.data" and merged.iloc[-1].offset == 6 * MiB
+    assert set(read.served_by().index) == {"base.tar", "upper.data"}
+    assert read.data[: 4 * KiB] == bytes(4 * KiB)
+
+
+def test_a_trace_without_requests_says_how_to_get_one(image_dir: Path) -> None:
+    with explore.open(image_dir / "config.v1.json") as image, explore.tracing() as trace:
+        image.pread(0, 4 * KiB)
+    assert trace.requests().empty
+    with pytest.raises(KeyError, match=r"wrap the work in tracing\.request"):
+        trace.tree()
+    with explore.tracing() as empty:
+        pass
+    assert repr(empty) == "Trace('trace', no events)"
+    assert "events" in empty._repr_html_()
+
+
+def test_cache_statistics_html(registry_image, tmp_path: Path) -> None:
+    reference, _ = registry_image
+    with explore.open(reference, cache_dir=tmp_path / "cache") as image:
+        html = image.session.cache.statistics()._repr_html_()
+        assert "CacheStatistics" in html and "fetches" in html
+        assert "block cache" in image._repr_html_()

@@ -208,6 +208,20 @@ class CacheStatistics:
     crc_failures: int
     blobs: tuple[BlobStatistics, ...]
 
+    def _repr_html_(self) -> str:
+        import pandas as pd
+
+        from workbench.explore.html import card, human_bytes
+
+        fields = {
+            "present": f"{human_bytes(self.present_bytes)} of {human_bytes(self.capacity_bytes)}",
+            "hits / misses": f"{self.hits} / {self.misses}",
+            "fetched": f"{human_bytes(self.bytes_fetched)} in {self.fetches} fetches",
+            "evictions, crc failures": f"{self.evictions}, {self.crc_failures}",
+        }
+        blobs = pd.DataFrame([dataclasses.asdict(blob) for blob in self.blobs])
+        return card(f"CacheStatistics {self.directory}", fields, blobs)
+
 
 @dataclasses.dataclass(frozen=True)
 class BlobInventory:
