@@ -244,6 +244,13 @@ def test_plots_draw_figures(image_dir: Path, registry_image, tmp_path: Path) -> 
     figure = explore.plots.access_pattern(trace, layer="cache", op="read")
     figure = explore.plots.cache_filling(trace, total_bytes=2 * MiB)
     assert "MiB in" in figure.axes[0].get_title()
+    with explore.open(reference, cache_dir=tmp_path / "cache") as image:
+        view = image.blob_cache(0)
+        figure = explore.plots.presence_map(view)
+        assert (
+            f"{int(view.presence.sum())} of {len(view.presence)} blocks"
+            in figure.axes[0].get_title()
+        )
     with pytest.raises(ValueError, match="no device/read events"):
         explore.plots.access_pattern(trace, layer="device")
     plt.close("all")

@@ -7,6 +7,7 @@
     cache_filling(trace)        bytes fetched into the block cache over time (and the
                                 fraction of the image, given its size)
     block_sizes(frame)          the stored size of each ZFile block (`Image.zfile_blocks`)
+    presence_map(blob_cache)    which blocks of a blob the block cache holds (`Image.blob_cache`)
 
 Each takes an optional `ax` and returns the matplotlib `Figure` it drew on, so a notebook
 shows it and a script saves it (``fig.savefig``). Axes are in MiB of the disk and in
@@ -32,10 +33,11 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from workbench.explore.cache import BlobCache
     from workbench.explore.image import Image
     from workbench.explore.trace import Trace
 
-__all__ = ["access_pattern", "block_sizes", "cache_filling", "segment_map"]
+__all__ = ["access_pattern", "block_sizes", "cache_filling", "presence_map", "segment_map"]
 
 MiB = float(1 << 20)
 
@@ -184,5 +186,23 @@ def block_sizes(blocks: pd.DataFrame, ax: Axes | None = None) -> Figure:
     ax.set_ylabel("stored bytes")
     ax.set_title(
         f"ZFile: {len(blocks)} blocks, {int(blocks.stored_length.sum()) / MiB:.2f} MiB stored"
+    )
+    return figure
+
+
+def presence_map(cache: BlobCache, ax: Axes | None = None) -> Figure:
+    """The blocks of a cached blob along the blob: filled where present, empty where not."""
+    figure, ax = _axes(ax, (9, 1.6))
+    blocks = cache.blocks()
+    present = blocks[blocks.present]
+    spans = list(zip(present.offset / MiB, present.length / MiB, strict=True))
+    ax.broken_barh(spans, (0, 1), facecolors="tab:blue", edgecolor="none")
+    ax.set_xlim(0, cache.blob.size / MiB)
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    ax.set_xlabel("offset in the blob (MiB)")
+    ax.set_title(
+        f"{cache.name}: {len(present)} of {len(blocks)} blocks present "
+        f"({100 * cache.fraction_present:.0f}%)"
     )
     return figure
