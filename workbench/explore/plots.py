@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from workbench.explore.html import human_bytes
 from workbench.tracing import report
 
 if TYPE_CHECKING:
@@ -149,7 +150,8 @@ def access_pattern(
 
 def cache_filling(trace: Trace, total_bytes: int | None = None, ax: Axes | None = None) -> Figure:
     """Cumulative bytes fetched from the registry over time (``cache``/``fetch`` events, or
-    ``registry`` events when the cache is off); with `total_bytes`, also as a percentage."""
+    ``registry`` events when the cache is off); with `total_bytes` (the blob or image size),
+    also as a percentage of it on the right."""
     figure, ax = _axes(ax, (9, 3.5))
     fetched = trace.layer("cache", "fetch")
     if fetched.empty:
@@ -170,7 +172,7 @@ def cache_filling(trace: Trace, total_bytes: int | None = None, ax: Axes | None 
                 lambda pc: pc * total_bytes / MiB / 100,
             ),
         )
-        share.set_ylabel("% of the image")
+        share.set_ylabel(f"% of {human_bytes(total_bytes)}")
     return figure
 
 
