@@ -753,7 +753,7 @@ class BlockCache:
 
     # Statistics
 
-    def presence(self, key: str) -> np.ndarray | None:
+    def block_states(self, key: str) -> np.ndarray | None:
         """One byte per block of blob `key`: 0 absent, 1 present, 2 being fetched; None if
         the cache has no such blob. Call it in the cache's trio thread (a snapshot)."""
         state = self._states.get(key)

@@ -277,7 +277,7 @@ class Introspector:
         if session is None or session.cache is None:
             raise IntrospectionError("the image reads no registry blobs: there is no cache")
         cache = session.cache
-        states = session._portal.run_sync(cache.presence, key)
+        states = session._portal.run_sync(cache.block_states, key)
         if states is None:
             raise IntrospectionError(f"the cache holds no blob {key!r}")
         stats = session._portal.run_sync(cache.statistics)
