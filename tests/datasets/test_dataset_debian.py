@@ -5,7 +5,7 @@ for python-numpy-pandas) and takes minutes (debian about 1.5 min, wordpress abou
 on 2 cores); with an empty cache the whole module takes about 8 minutes, with a warm one
 (``$WORKBENCH_DATASETS_DIR``, default ~/.cache/workbench/datasets) well under one. Without
 the opt-in, CI skips them so that it stays minutes long; the engine itself is tested on the
-tiny busybox image in test_build.py on every run.
+tiny busybox image in test_dataset_build.py on every run.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import need_builder
+from dataset_support import need_builder
 
 from workbench import datasets
 from workbench.datasets.chroot import start, unpack

@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import need
+from dataset_support import need
 
 from workbench.datasets.layer import finalize, write_layer
 

@@ -2,7 +2,7 @@
 
 Needs root, unshare, chroot, umoci and busybox-static (all from scripts/setup.sh); skips
 without them unless CI is set. No network: busybox's recipe and the derived recipes below
-use only host files. The Debian images are in test_debian.py, under an opt-in.
+use only host files. The Debian images are in test_dataset_debian.py, under an opt-in.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import need, need_builder
+from dataset_support import need, need_builder
 from registries import REGISTRIES, containerd_daemon, start_registry
 
 from workbench import datasets
