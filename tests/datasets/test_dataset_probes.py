@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from workbench.datasets.probes import ExitProbe, HttpProbe, LineProbe, from_spec
+from workbench.datasets.probes import ExitProbe, HttpProbe, LineProbe, drain, from_spec
 from workbench.errors import ProbeError, ProbeTimeoutError, RecipeError
 
 
@@ -75,6 +75,32 @@ def test_log_fails_when_output_ends(stopper: list[subprocess.Popen[bytes]]) -> N
     stopper.append(process)
     with pytest.raises(ProbeError, match=r"output ended.*fatal: no config"):
         LineProbe.log("Ready").wait(process.stdout, time.monotonic() + 20)
+
+
+def test_drain_keeps_to_its_own_stream() -> None:
+    """A drained stream closed by its owner: a new pipe that reuses the number is not read.
+
+    Without its own descriptor the drain thread read the next pipe given that number and
+    stole its lines (13 of 20 rounds here).
+    """
+    for _ in range(10):
+        first = subprocess.Popen(
+            ["/bin/sh", "-c", "while :; do echo noise; sleep 0.01; done"], stdout=subprocess.PIPE
+        )
+        drain(first.stdout)
+        time.sleep(0.05)
+        first.stdout.close()
+        second = subprocess.Popen(
+            ["/bin/sh", "-c", "sleep 0.1; echo mine; sleep 30"], stdout=subprocess.PIPE
+        )
+        try:
+            result = LineProbe.log("mine").wait(second.stdout, time.monotonic() + 5)
+            assert result.evidence == "mine"
+        finally:
+            for process in (first, second):
+                process.kill()
+                process.wait()
+            second.stdout.close()
 
 
 def test_log_file_followed(tmp_path, stopper: list[subprocess.Popen[bytes]]) -> None:

@@ -249,19 +249,23 @@ def _next_chunk(fd: int, deadline: float, waiting_for: str, reader: _LineReader)
 
 
 def drain(stream: IO[bytes] | int, sink: IO[bytes] | None = None) -> threading.Thread:
-    """Keep reading `stream` to its end in a daemon thread (into `sink` when given)."""
+    """Keep reading `stream` to its end in a daemon thread (into `sink` when given).
+
+    The thread reads a duplicate of the file descriptor, so the caller may close the stream
+    at any time: the descriptor's number can then be reused by a new pipe without the
+    thread stealing that pipe's output.
+    """
+    fd = os.dup(stream if isinstance(stream, int) else stream.fileno())
 
     def run() -> None:
-        fd = stream if isinstance(stream, int) else stream.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            if sink is not None:
-                sink.write(chunk)
+        try:
+            while chunk := os.read(fd, 65536):
+                if sink is not None:
+                    sink.write(chunk)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     thread = threading.Thread(target=run, name="workbench-drain", daemon=True)
     thread.start()
