@@ -24,7 +24,7 @@ from workbench.cli.dataset import dataset as dataset_command
 from workbench.datasets import engine as engine_module
 from workbench.datasets.chroot import start, unpack
 from workbench.datasets.engine import build_image
-from workbench.errors import BuildError
+from workbench.errors import BuildError, RecipeError
 from workbench.registry.client import OCI_MANIFEST
 
 
@@ -148,6 +148,18 @@ def test_failed_step_names_layer_and_log(cache: Path, tmp_path: Path) -> None:
     assert not (cache / "images" / "broken").exists()
     for directory in leftovers:
         shutil.rmtree(directory)
+
+
+def test_a_file_over_a_directory_is_refused(cache: Path, tmp_path: Path) -> None:
+    recipes = _derived_recipes(tmp_path)
+    (recipes / "clash.toml").write_text(
+        'base = "busybox"\n[[layers]]\nfiles = [{ path = "/www", text = "x" }]\n'
+        '[workload]\ncommand = ["true"]\nready = { exit = 0 }\nready_means = "never"\n'
+    )
+    before = set((cache / "tmp").iterdir()) if (cache / "tmp").exists() else set()
+    with pytest.raises(RecipeError, match="/www is a directory in the image"):
+        build_image("clash", cache_dir=cache, recipes=recipes)
+    assert set((cache / "tmp").iterdir()) == before
 
 
 def test_leftovers_of_a_killed_build_are_removed(cache: Path, tmp_path: Path) -> None:

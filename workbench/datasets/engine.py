@@ -239,6 +239,8 @@ def _build_layer(
         # Keep the log of a failed step, nothing else.
         for directory in (upper, overlay_work, merged):
             shutil.rmtree(directory, ignore_errors=True)
+        if not (work / "build.log").exists():
+            shutil.rmtree(work, ignore_errors=True)
         raise
     record = _record(key, spec, blob, time.monotonic() - started)
 
@@ -446,6 +448,12 @@ def _write_file(entry: FileSpec, upper: Path, lowers: Sequence[Path], where: str
     parent = _resolve_dir(entry.path.rsplit("/", 1)[0], upper, lowers, where)
     _make_parents(parent, upper, lowers)
     target = upper / parent.lstrip("/") / entry.path.rsplit("/", 1)[1]
+    below = _lookup(str(target.relative_to(upper)), upper, lowers)
+    if not entry.dir and below is not None and below.is_dir() and not below.is_symlink():
+        raise RecipeError(
+            f"{where}: {entry.path} is a directory in the image; a file cannot replace it "
+            "(remove it in an earlier layer's run, or pick another path)"
+        )
     if target.is_symlink() or target.is_file():
         target.unlink()
 
