@@ -6,6 +6,11 @@
 layout's path (an error if not built); `push NAME REF` uploads it to a registry and prints
 the manifest digest; `workload NAME` prints the workload as JSON; `run NAME` starts the
 workload over the unpacked image in unshare + chroot and prints the time to ready.
+
+Caveats:
+- `build`, `push` of an unbuilt image and `run` need root (see workbench.datasets.engine);
+- `run` unpacks the image into a temporary directory under $TMPDIR (default /var/tmp) on
+  every call, which takes a few seconds for the large images.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ Caveats:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -63,8 +64,6 @@ def unpack(layout: Path, dest: Path, tag: str | None = None) -> Path:
 
 
 def _only_tag(layout: Path) -> str:
-    import json
-
     index = json.loads((layout / "index.json").read_text())
     return index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
 
