@@ -16,7 +16,9 @@ __all__ = [
     "BlobNotFoundError",
     "ChecksumError",
     "CorruptFileError",
+    "DefinitionError",
     "DigestMismatchError",
+    "ExperimentError",
     "FormatError",
     "ImageConfigError",
     "ImageReferenceError",
@@ -120,3 +122,11 @@ class UnsupportedImageError(ManifestError):
     acceleration layer below the top, or annotations that contradict the layer descriptor.
     The message names the image, the layer (index and digest) and what to do.
     """
+
+
+class DefinitionError(WorkbenchError, ValueError):
+    """Raised when an experiment definition is unreadable or names something unknown."""
+
+
+class ExperimentError(WorkbenchError, RuntimeError):
+    """Raised when a trial of an experiment cannot run or its workload does not get ready."""
