@@ -225,9 +225,12 @@ def _pack(stage: Path, tar_path: Path, tgz_path: Path) -> None:
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as archive:
         for path in sorted(stage.rglob("*")):
             archive.add(path, arcname=str(path.relative_to(stage)), recursive=False)
-    with open(tar_path, "rb") as plain, open(tgz_path, "wb") as packed:
-        with gzip.GzipFile(fileobj=packed, mode="wb", compresslevel=6, mtime=0) as zipped:
-            shutil.copyfileobj(plain, zipped, 1 << 20)
+    with (
+        open(tar_path, "rb") as plain,
+        open(tgz_path, "wb") as packed,
+        gzip.GzipFile(fileobj=packed, mode="wb", compresslevel=6, mtime=0) as zipped,
+    ):
+        shutil.copyfileobj(plain, zipped, 1 << 20)
 
 
 def _make_ext4(tree: Path, image: Path) -> None:
