@@ -45,6 +45,7 @@ def _register() -> None:
     from workbench.cli.cache import cache
     from workbench.cli.demo import demo
     from workbench.cli.device import commit, mount, umount
+    from workbench.cli.experiment import experiment
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
@@ -56,7 +57,7 @@ def _register() -> None:
     images = (lsmt, zfile, inspect, export)
     devices = (mount, umount, commit)
     registries = (registry, blob, cache, shape)
-    for command in (*images, *devices, *registries, trace, bench, demo):
+    for command in (*images, *devices, *registries, trace, bench, demo, experiment):
         cli.add_command(command)
 
 
