@@ -47,7 +47,22 @@ def run(definition: Path, quick: bool, output: Path | None, no_progress: bool) -
     for row in failed.itertuples():
         click.echo(f"failed: {row.key}: {row.error}")
     click.echo(summary(result.table).to_string())
+    if parsed.kind == "startup" and (result.table["status"] == "ok").any():
+        _paper_comparison(result.table, parsed.figure, output, parsed.name)
     click.echo(f"results: {result.table_path}")
+
+
+def _paper_comparison(table: object, figure: str, output: Path, name: str) -> None:
+    """Our medians beside the paper's numbers, and the figure as PNG in the run folder."""
+    import pandas as pd
+
+    from workbench.analysis.report import draw, paper_table
+
+    assert isinstance(table, pd.DataFrame)
+    comparison = paper_table(table, figure)
+    click.echo(f"\nours beside the paper ({figure}; speedup = tgz-overlayfs ready / system ready):")
+    click.echo(comparison.to_string(index=False, float_format=lambda value: f"{value:.2f}"))
+    click.echo(f"figure: {draw(table, figure, output, name)}")
 
 
 @experiment.command("compare")

@@ -97,6 +97,16 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     return table
 
 
+def _ok(table: pd.DataFrame) -> pd.DataFrame:
+    """The ok trials, conditions as text (a CSV reads empty text as NaN, Parquet keeps it)."""
+    table = table[table["status"] == "ok"] if "status" in table else table
+    table = table.copy()
+    for column in CONDITIONS:
+        if column in table:
+            table[column] = table[column].fillna("").astype(str)
+    return table
+
+
 def compare_runs(
     run_a: str | os.PathLike[str] | pd.DataFrame,
     run_b: str | os.PathLike[str] | pd.DataFrame,
@@ -104,8 +114,8 @@ def compare_runs(
     seed: int = 0,
 ) -> pd.DataFrame:
     """The comparison of two runs, one row per group and metric (see the module docstring)."""
-    a = run_a if isinstance(run_a, pd.DataFrame) else load_results(run_a)
-    b = run_b if isinstance(run_b, pd.DataFrame) else load_results(run_b)
+    a = _ok(run_a if isinstance(run_a, pd.DataFrame) else load_results(run_a))
+    b = _ok(run_b if isinstance(run_b, pd.DataFrame) else load_results(run_b))
     conditions = [c for c in CONDITIONS if c in a and c in b]
     if not conditions:
         raise ExperimentError("the two tables share no condition columns; are they results?")
