@@ -80,7 +80,7 @@ def test_failed_trials_and_disjoint_runs() -> None:
 
 
 def test_cli_compares_the_committed_baseline_with_itself(tmp_path: Path) -> None:
-    baselines = sorted(BASELINES.glob("*.parquet"))
+    baselines = sorted(BASELINES.glob("*.csv"))
     assert baselines, "experiments/baselines/ holds the committed baseline"
     runner = CliRunner()
     result = runner.invoke(cli, ["experiment", "compare", str(baselines[0]), str(baselines[0])])
@@ -89,7 +89,7 @@ def test_cli_compares_the_committed_baseline_with_itself(tmp_path: Path) -> None
     assert "slower" not in result.output.split("verdict", 1)[1]
 
     csv = tmp_path / "b.csv"
-    slower = pd.read_parquet(baselines[0])
+    slower = pd.read_csv(baselines[0])
     slower["ready_s"] *= 3
     slower["pull_s"] *= 3
     slower.to_csv(csv, index=False)
