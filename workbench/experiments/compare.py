@@ -103,7 +103,8 @@ def _ok(table: pd.DataFrame) -> pd.DataFrame:
     table = table.copy()
     for column in CONDITIONS:
         if column in table:
-            table[column] = table[column].fillna("").astype(str)
+            text = table[column].astype(object).where(table[column].notna(), "")
+            table[column] = text.astype(str)
     return table
 
 
