@@ -90,5 +90,8 @@ def draw(table: pd.DataFrame, figure: str, out_dir: Path, name: str) -> Path:
     ok = table[table["status"] == "ok"]
     path = out_dir / f"{name}.png"
     by = ["system", *(c for c in _CONDITIONS if ok[c].nunique() > 1)]
-    plots.startup_figure(ok, paper_numbers(figure), f"{figure}: {name}", by=tuple(by), path=path)
+    drawn = plots.startup_figure(
+        ok, paper_numbers(figure), f"{figure}: {name}", by=tuple(by), path=path
+    )
+    plots.plt.close(drawn)
     return path
