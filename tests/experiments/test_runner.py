@@ -80,6 +80,7 @@ def test_a_tiny_study_runs_both_systems_into_every_column(scratch: Path) -> None
     assert tgz.layer_bytes == tgz.registry_bytes  # the whole .tar.gz, once
     assert lazy.cache_bytes_before == 0 and lazy.cache_bytes_after > 0
     assert lazy.cache_misses > 0 and lazy.cache_hits >= 0
+    assert lazy.device_read_bytes > 0
     assert (scratch / "out" / "run.json").exists()
 
 

@@ -33,8 +33,9 @@ Caveats:
   run is resumed; the run goes on with the next trial;
 - the registry counters are those of the embedded registry (every request of the trial, the
   manifest's included); the proxy counts bytes on the wire, headers included;
-- cache hits and misses are counted only when the definition sets ``trace = true`` (the FUSE
-  server then records every event, which costs time on the read path).
+- cache hits and misses, and the bytes the kernel read from the image's disk
+  (``device_read_bytes``), are counted only when the definition sets ``trace = true`` (the
+  FUSE server then records every event, which costs time on the read path).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ COLUMNS: Final = (
     "cache_bytes_after",
     "cache_hits",
     "cache_misses",
+    "device_read_bytes",
     "rtt_ms",
     "mbps",
     "disk_iops",
@@ -395,7 +397,8 @@ def _write_table(out: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     table = table[list(COLUMNS)]
     for column in (*METRICS, "layer_bytes", "cache_bytes_before", "cache_bytes_after"):
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
-    for column in ("cache_hits", "cache_misses", "rtt_ms", "mbps", "disk_iops", "disk_bytes_per_s"):
+    counts = ("cache_hits", "cache_misses", "device_read_bytes", "rtt_ms", "mbps")
+    for column in (*counts, "disk_iops", "disk_bytes_per_s"):
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
     tmp = out / (TABLE_NAME + ".tmp")
     table.to_parquet(tmp, index=False)
@@ -592,11 +595,16 @@ def _cache_bytes(directory: Path) -> float:
 def _trace_counts(trace: Path) -> dict[str, Any]:
     if not trace.exists():
         return {}
-    events = pd.read_parquet(trace, columns=["layer", "op", "hit"])
+    events = pd.read_parquet(trace, columns=["layer", "op", "length", "hit"])
     reads = events[(events["layer"] == "cache") & (events["op"] == "read")]
     hits = int(reads["hit"].fillna(False).astype(bool).sum())
+    kernel = events[(events["layer"] == "request") & (events["op"] == "fuse-read")]
     trace.unlink()
-    return {"cache_hits": hits, "cache_misses": len(reads) - hits}
+    return {
+        "cache_hits": hits,
+        "cache_misses": len(reads) - hits,
+        "device_read_bytes": float(kernel["length"].sum()),
+    }
 
 
 def _base_row(definition: Definition, trial: Trial, image: PreparedImage) -> dict[str, Any]:
