@@ -38,7 +38,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +170,9 @@ def _standin(name: str) -> Standin:
 
 
 def _fingerprint(standin: Standin) -> str:
-    text = json.dumps([BUILD_VERSION, dataclasses.asdict(standin), sys.version, os.uname().release])
+    # The host files it copies: a Python or busybox upgrade makes a new image.
+    stamps = [os.stat(path).st_mtime_ns for path in (PYTHON, BUSYBOX) if os.path.exists(path)]
+    text = json.dumps([BUILD_VERSION, dataclasses.asdict(standin), stamps, os.uname().release])
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
