@@ -25,10 +25,11 @@ from typing import Any
 import pandas as pd
 
 from workbench.errors import ExperimentError
+from workbench.experiments.runner import CONDITIONS
 
 __all__ = ["Run", "gap_removed", "load_run", "medians", "speedup", "summary"]
 
-GROUPS = ("workload", "system", "network", "disk", "cache_state", "test", "queue_depth", "format")
+GROUPS = CONDITIONS
 FIGURES = ("pull_s", "launch_s", "ready_s", "iops", "mb_s", "seconds", "bytes", "registry_bytes")
 
 

@@ -33,21 +33,12 @@ import numpy as np
 import pandas as pd
 
 from workbench.errors import ExperimentError
+from workbench.experiments.runner import CONDITIONS
 
 __all__ = ["BOOTSTRAP_ROUNDS", "MIN_SAMPLES", "compare_runs", "load_results", "render"]
 
 BOOTSTRAP_ROUNDS: Final = 2000
 MIN_SAMPLES: Final = 3
-CONDITIONS: Final = (
-    "workload",
-    "system",
-    "network",
-    "disk",
-    "cache_state",
-    "test",
-    "queue_depth",
-    "format",
-)
 METRICS: Final = {
     "pull_s": False,
     "launch_s": False,

@@ -538,6 +538,8 @@ def _start(trial: Trial, image: PreparedImage, setup: TrialSetup) -> Phases:
     """One container start on `trial.system`: pull, then launch; everything undone after."""
     from workbench.device.mount import unmount
 
+    if trial.system == "lazy-prefetch":
+        raise ExperimentError("lazy-prefetch has no driver in the runner; it is unavailable")
     phases = Phases()
     container = setup.workdir / "container"
     shutil.rmtree(container, ignore_errors=True)

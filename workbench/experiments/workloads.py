@@ -62,11 +62,26 @@ def available_workloads() -> list[str]:
     return names
 
 
+PREFETCH_MODULES = ("workbench.prefetch", "workbench.device.prefetch", "workbench.image.trace")
+
+
 def prefetch_available() -> str | None:
-    """None if trace prefetch exists in this workbench, else why the system is unavailable."""
-    for module in ("workbench.prefetch", "workbench.device.prefetch", "workbench.image.trace"):
-        if importlib.util.find_spec(module) is not None:
-            return None
+    """None if the runner can drive trace prefetch, else why lazy-prefetch is unavailable.
+
+    The runner has no driver for it yet, so this always gives a reason: that prefetch is
+    missing, or that it exists and the runner does not drive it yet (never plain lazy
+    results under the lazy-prefetch name).
+    """
+    for module in PREFETCH_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            return (
+                f"trace prefetch exists ({module}) but the experiment runner does not drive "
+                "it yet (record a trace, replay it at mount); lazy-prefetch has no results"
+            )
     return (
         "trace prefetch (record/replay) is not in this workbench yet: the inside helper builds "
         "it; until it is on main, lazy-prefetch has no results"
