@@ -8,6 +8,7 @@ metric, the ratio B / A and whether it is beyond noise (`workbench.experiments.c
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -36,6 +37,11 @@ def run(definition: Path, quick: bool, output: Path | None, no_progress: bool) -
     """Run the trials of DEFINITION not yet in the output folder; print a summary."""
     from workbench.analysis.results import summary
 
+    # SIGTERM (and SIGINT even where a shell started us with it ignored) stops the run the
+    # way Ctrl-C does: the trial in progress is dropped, mounts and cgroups are undone, the
+    # trials written so far stay, and the next run resumes after them.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parsed = load_definition(definition, quick=quick)
     if output is None:
         output = scratch_root() / "runs" / (parsed.name + ("-quick" if quick else ""))
@@ -50,6 +56,10 @@ def run(definition: Path, quick: bool, output: Path | None, no_progress: bool) -
     if parsed.kind == "startup" and (result.table["status"] == "ok").any():
         _paper_comparison(result.table, parsed.figure, output, parsed.name)
     click.echo(f"results: {result.table_path}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _paper_comparison(table: object, figure: str, output: Path, name: str) -> None:
