@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from workbench.experiments.definition import parse_definition
+from workbench.experiments.definition import load_definition, parse_definition
 from workbench.experiments.runner import COLUMNS, load_table, run_experiment
 from workbench.experiments.systems import convert_whiteouts
 
@@ -174,3 +178,28 @@ def test_the_cloud_disk_preset_throttles_in_a_cgroup_it_removes(scratch: Path) -
     assert set(table["status"]) == {"ok"}, table["error"].tolist()
     assert set(table["disk_iops"]) == {2000} and set(table["disk_bytes_per_s"]) == {100e6}
     assert not list(Path("/sys/fs/cgroup/blkio").glob(f"workbench-experiment-{os.getpid()}"))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_command_cleanly_and_the_run_resumes(scratch: Path) -> None:
+    definition = scratch / "tiny.toml"
+    definition.write_text(
+        'name = "tiny"\nworkloads = ["standin-busybox"]\nsystems = ["tgz-overlayfs", "lazy"]\n'
+        'networks = ["none"]\nrepetitions = 3\n'
+    )
+    out = scratch / "out"
+    command = [sys.executable, "-c", "from workbench.cli import main; main()"]
+    command += ["experiment", "run", str(definition), "--output", str(out), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (out / "trials.parquet").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0, output.decode()
+
+    written = len(load_table(out))
+    assert 1 <= written < 6
+    assert not list((scratch / "cache").glob("run-*")), "the scratch folder was left behind"
+    result = run_experiment(load_definition(definition), out, progress=False)
+    assert (result.ran, result.skipped) == (6 - written, written)
