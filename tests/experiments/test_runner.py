@@ -85,6 +85,7 @@ def test_a_tiny_study_runs_both_systems_into_every_column(scratch: Path) -> None
     assert lazy.cache_bytes_before == 0 and lazy.cache_bytes_after > 0
     assert lazy.cache_misses > 0 and lazy.cache_hits >= 0
     assert lazy.device_read_bytes > 0
+    assert 0 < lazy.resolve_s + lazy.mount_s <= lazy.pull_s
     assert (scratch / "out" / "run.json").exists()
 
 

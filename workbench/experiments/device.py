@@ -84,7 +84,7 @@ def _side(
 
     from workbench.device.mount import unmount
 
-    mount = pull_lazy(setup, mountpoint)
+    mount, _steps = pull_lazy(setup, mountpoint)
     stack.callback(mountpoint.rmdir)
     stack.callback(unmount, mount.mountpoint, setup.run_dir)
     return mount.loop, mountpoint

@@ -112,6 +112,8 @@ COLUMNS: Final = (
     "status",
     "error",
     *METRICS,
+    "resolve_s",
+    "mount_s",
     "layer_bytes",
     "cache_bytes_before",
     "cache_bytes_after",
@@ -395,7 +397,8 @@ def _write_table(out: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
         if column not in table:
             table[column] = None
     table = table[list(COLUMNS)]
-    for column in (*METRICS, "layer_bytes", "cache_bytes_before", "cache_bytes_after"):
+    steps = ("resolve_s", "mount_s", "layer_bytes", "cache_bytes_before", "cache_bytes_after")
+    for column in (*METRICS, *steps):
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
     counts = ("cache_hits", "cache_misses", "device_read_bytes", "rtt_ms", "mbps")
     for column in (*counts, "disk_iops", "disk_bytes_per_s"):
@@ -558,7 +561,7 @@ def _start(trial: Trial, image: PreparedImage, setup: TrialSetup) -> Phases:
 
     mountpoint = setup.workdir / "image"
     start = time.perf_counter()
-    mount = systems.pull_lazy(setup, mountpoint)
+    mount, phases.extra = systems.pull_lazy(setup, mountpoint)
     phases.pull_s = time.perf_counter() - start
     try:
         start = time.perf_counter()

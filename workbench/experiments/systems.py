@@ -5,8 +5,9 @@ A trial starts one container of one workload on one system and times two phases:
 - ``pull``: until a root file system is there to run. `tgz-overlayfs`: resolve the manifest,
   fetch every ``.tar.gz`` layer through the shaping proxy, gunzip + untar each into a layer
   folder (GNU tar, as Docker's overlay2 driver unpacks; OCI whiteouts become overlayfs ones).
-  `lazy`: `mount_image(REFERENCE)`: resolve the manifest, start the FUSE server, attach the
-  loop device, mount the ext4 read-only; no layer data is read yet.
+  `lazy`: resolve the manifest into a config.v1.json of remote lowers (``resolve_s``), then
+  `mount_image`: start the FUSE server, attach the loop device, mount the ext4 read-only
+  (``mount_s``); no layer data is read yet.
 - ``launch``: an overlay mount (the image's layers, or the lazy mount, below a fresh upper),
   then the workload started in it until it is ready (`ready_means`: it exits 0, prints a line,
   or a probe answers).
@@ -249,20 +250,23 @@ def convert_whiteouts(layer: Path) -> int:
 # lazy
 
 
-def pull_lazy(setup: TrialSetup, mountpoint: Path) -> Any:
-    """`mount_image(setup.lazy_ref)` read-only at `mountpoint`; its FUSE server throttled."""
+def pull_lazy(setup: TrialSetup, mountpoint: Path) -> tuple[Any, dict[str, float]]:
+    """The lazy image read-only at `mountpoint`, its FUSE server throttled; and the seconds
+    of the two steps: ``resolve_s`` (manifest -> config.v1.json of remote lowers, as
+    ``rpull`` does) and ``mount_s`` (`mount_image`: FUSE server, loop device, ext4)."""
     from workbench.device.mount import mount_image
+    from workbench.registry.image import write_image_config
 
     mountpoint.mkdir(parents=True)
-    mount = mount_image(
-        setup.lazy_ref,
-        mountpoint,
-        run_dir=setup.run_dir,
-        trace=setup.trace,
-    )
+    start = time.perf_counter()
+    config = setup.workdir / "config.v1.json"
+    write_image_config(setup.lazy_ref, config)
+    resolved = time.perf_counter()
+    mount = mount_image(config, mountpoint, run_dir=setup.run_dir, trace=setup.trace)
+    mounted = time.perf_counter()
     if setup.throttle is not None:
         setup.throttle.add(mount.pid)
-    return mount
+    return mount, {"resolve_s": resolved - start, "mount_s": mounted - resolved}
 
 
 # ---------------------------------------------------------------------------------------------
