@@ -109,6 +109,8 @@ class TrialSetup:
     throttle: DiskThrottle | None = None
     trace: Path | None = None
     timeout_s: float = 120.0
+    prefetch: Any = None
+    """A `workbench.prefetch.PrefetchConfig` for the lazy mount, or None."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +264,9 @@ def pull_lazy(setup: TrialSetup, mountpoint: Path) -> tuple[Any, dict[str, float
     config = setup.workdir / "config.v1.json"
     write_image_config(setup.lazy_ref, config)
     resolved = time.perf_counter()
-    mount = mount_image(config, mountpoint, run_dir=setup.run_dir, trace=setup.trace)
+    mount = mount_image(
+        config, mountpoint, run_dir=setup.run_dir, trace=setup.trace, prefetch=setup.prefetch
+    )
     mounted = time.perf_counter()
     if setup.throttle is not None:
         setup.throttle.add(mount.pid)

@@ -62,29 +62,13 @@ def available_workloads() -> list[str]:
     return names
 
 
-PREFETCH_MODULES = ("workbench.prefetch", "workbench.device.prefetch", "workbench.image.trace")
-
-
 def prefetch_available() -> str | None:
-    """None if the runner can drive trace prefetch, else why lazy-prefetch is unavailable.
-
-    The runner has no driver for it yet, so this always gives a reason: that prefetch is
-    missing, or that it exists and the runner does not drive it yet (never plain lazy
-    results under the lazy-prefetch name).
-    """
-    for module in PREFETCH_MODULES:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            return (
-                f"trace prefetch exists ({module}) but the experiment runner does not drive "
-                "it yet (record a trace, replay it at mount); lazy-prefetch has no results"
-            )
+    """None if trace prefetch (`workbench.prefetch`) is here, else why lazy-prefetch is not."""
+    if importlib.util.find_spec("workbench.prefetch") is not None:
+        return None
     return (
-        "trace prefetch (record/replay) is not in this workbench yet: the inside helper builds "
-        "it; until it is on main, lazy-prefetch has no results"
+        "trace prefetch (record/replay) is not in this workbench: workbench.prefetch is "
+        "missing, so lazy-prefetch has no results"
     )
 
 
