@@ -81,8 +81,17 @@ def _paper_comparison(table: object, figure: str, output: Path, name: str) -> No
 @click.option("--fail-on-slower", is_flag=True, help="Exit with status 1 if any metric got worse.")
 def compare(run_a: Path, run_b: Path, fail_on_slower: bool) -> None:
     """Per metric, the ratio RUN_B / RUN_A and whether it is beyond noise (bootstrap)."""
-    report = compare_runs(run_a, run_b)
+    from workbench.experiments.compare import load_results
+
+    a, b = load_results(run_a), load_results(run_b)
+    report = compare_runs(a, b)
     click.echo(render(report))
+    if "loadavg" in a and "loadavg" in b and len(a) and len(b):
+        click.echo(
+            f"  load average when each run started: A {a['loadavg'].median():g}, "
+            f"B {b['loadavg'].median():g} (on {a['cpus'].max():g} / {b['cpus'].max():g} CPUs); "
+            "a busier machine is slower whatever the code"
+        )
     worse = report[report["verdict"] == "slower"]
     if fail_on_slower and len(worse):
         raise SystemExit(1)

@@ -12,8 +12,8 @@ ratio (each side resampled with replacement, `BOOTSTRAP_ROUNDS` times, ratio of 
 Verdict: ``slower`` / ``faster`` when the interval lies wholly above / below 1 (for IOPS and
 MB/s, where higher is better, the words swap accordingly), ``same`` when it contains 1,
 ``too few`` when either side has fewer than `MIN_SAMPLES` trials (a bootstrap of one or two
-values says nothing), unless both sides are constant (sizes, counts): then equal is ``same``
-and unequal is the direction of the change.
+values says nothing), unless both sides are constant (sizes, counts): then within 1% is
+``same``, and beyond it the direction of the change.
 
 Caveats:
 - the interval assumes trials are exchangeable; runs on a loaded shared machine differ by
@@ -39,6 +39,8 @@ __all__ = ["BOOTSTRAP_ROUNDS", "MIN_SAMPLES", "compare_runs", "load_results", "r
 
 BOOTSTRAP_ROUNDS: Final = 2000
 MIN_SAMPLES: Final = 3
+CONSTANT_TOLERANCE: Final = 0.01
+"""Constant metrics (sizes, counts) within 1% of each other are the same."""
 METRICS: Final = {
     "pull_s": False,
     "launch_s": False,
@@ -165,7 +167,10 @@ def _compare(
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         # Constant on both sides (sizes, counts): no noise to bootstrap.
         ratio = median_b / median_a if median_a else float("nan")
-        verdict = "same" if median_a == median_b else (worse if median_b > median_a else better)
+        if abs(median_b - median_a) <= CONSTANT_TOLERANCE * max(abs(median_a), abs(median_b)):
+            verdict = "same"
+        else:
+            verdict = worse if median_b > median_a else better
         return Comparison(group, metric, len(a), len(b), median_a, median_b, ratio, ratio, verdict)
     if len(a) < MIN_SAMPLES or len(b) < MIN_SAMPLES:
         nan = float("nan")
