@@ -90,7 +90,7 @@ def compare(run_a: Path, run_b: Path, fail_on_slower: bool) -> None:
         click.echo(
             f"  load average when each run started: A {a['loadavg'].median():g}, "
             f"B {b['loadavg'].median():g} (on {a['cpus'].max():g} / {b['cpus'].max():g} CPUs); "
-            "a busier machine is slower whatever the code"
+            "a busier machine takes longer whatever the code"
         )
     worse = report[report["verdict"] == "slower"]
     if fail_on_slower and len(worse):
