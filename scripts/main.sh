@@ -18,4 +18,4 @@ echo "against the committed baseline (experiments/baselines/fig14-cold-start-qui
 .venv/bin/workbench experiment compare experiments/baselines/fig14-cold-start-quick.csv "$out"
 echo
 echo "run folder: $out (trials.parquet, run.json, fig14-cold-start.png)"
-echo "notebook:   WORKBENCH_RESULTS=$out jupyter nbconvert --execute notebooks/fig14-cold-start.ipynb"
+echo "notebook:   notebooks/fig14-cold-start.ipynb (with WORKBENCH_RESULTS=$out it reads this run)"
