@@ -50,13 +50,14 @@ def _register() -> None:
     from workbench.cli.lsmt import lsmt
     from workbench.cli.registry import registry
     from workbench.cli.shape import shape
+    from workbench.cli.snapshotter import rpull, snapshotter
     from workbench.cli.trace import trace
     from workbench.cli.zfile import zfile
 
     images = (lsmt, zfile, inspect, export)
     devices = (mount, umount, commit)
     registries = (registry, blob, cache, shape)
-    for command in (*images, *devices, *registries, trace, bench, demo):
+    for command in (*images, *devices, *registries, trace, bench, demo, snapshotter, rpull):
         cli.add_command(command)
 
 

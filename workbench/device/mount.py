@@ -97,6 +97,8 @@ class Mount:
     owner: int = 0
     """The process running `mount_image`; while it lives, an unfinished mount is not stale."""
     complete: bool = False
+    cache_dir: str | None = None
+    """The server's block cache folder (``$WORKBENCH_CACHE_DIR`` of the child); None: default."""
 
     @property
     def disk(self) -> str:
@@ -128,6 +130,7 @@ def mount_image(
     read_only: bool | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     trace: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Mount:
     """Mount the ext4 file system of image `image` at `mountpoint`.
 
@@ -139,8 +142,12 @@ def mount_image(
     none) and ext4 is mounted read-write; without it the image is read-only unless its
     config has an upper. `read_only` overrides the guess for a config with an upper. With
     `trace` the server records every event and writes them to that Parquet file when it
-    stops (`workbench.device.fuse.main`).
-    Raises `MountError` (everything made so far is torn down again) if a step fails.
+    stops (`workbench.device.fuse.main`). `cache_dir` gives the server its own block cache
+    folder (a cache folder serves one process at a time, so concurrent mounts of remote
+    images each need one); by default it uses `default_cache_dir()`.
+    Raises `MountError` (everything made so far is torn down again) if a step fails; when
+    ext4 cannot be mounted, the message ends with the server's last log lines, which name
+    the read that failed (blob, range, HTTP status or checksum).
     """
     run = Path(run_dir) if run_dir is not None else default_run_dir()
     cleanup_stale(run)
@@ -167,6 +174,7 @@ def mount_image(
         run_dir=str(run),
         trace=os.path.abspath(trace) if trace is not None else None,
         owner=os.getpid(),
+        cache_dir=os.path.abspath(cache_dir) if cache_dir is not None else None,
     )
     mount.save()
     try:
@@ -174,7 +182,11 @@ def mount_image(
         mount.save()
         mount.loop = _attach_loop(mount.disk, read_only)
         mount.save()
-        _mount_ext4(mount.loop, mount.mountpoint, read_only)
+        try:
+            _mount_ext4(mount.loop, mount.mountpoint, read_only)
+        except MountError as exc:
+            log_path = Path(mount.run_dir) / "mounts" / f"{mount.id}.log"
+            raise MountError(f"{exc}; the FUSE server's log: {_tail(log_path)}") from exc
         mount.complete = True
         mount.save()
     except BaseException:
@@ -230,6 +242,9 @@ def _start_server(mount: Mount) -> int:
     if mount.trace is not None:
         command += ["--trace", mount.trace]
     log_path = Path(mount.run_dir) / "mounts" / f"{mount.id}.log"
+    environment = None
+    if mount.cache_dir is not None:
+        environment = {**os.environ, "WORKBENCH_CACHE_DIR": mount.cache_dir}
     with open(log_path, "ab") as log_file:
         server = subprocess.Popen(
             command,
@@ -237,6 +252,7 @@ def _start_server(mount: Mount) -> int:
             stderr=log_file,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=environment,
         )
     mount.pid = server.pid
     mount.save()
