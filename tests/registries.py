@@ -200,8 +200,13 @@ class ContainerdDaemon:
 
 
 @contextlib.contextmanager
-def containerd_daemon(tmp_path: Path) -> Iterator[ContainerdDaemon]:
+def containerd_daemon(
+    tmp_path: Path, proxy_snapshotters: dict[str, str] | None = None
+) -> Iterator[ContainerdDaemon]:
     """A private containerd (CRI off) with root, state, socket and opt dir under tmp_path.
+
+    `proxy_snapshotters` maps names to the unix sockets of proxy snapshotters to declare
+    (``[proxy_plugins]``; containerd dials them lazily, so they may start later).
 
     Skipped where containerd or ctr is absent or the process is not root (containerd needs
     root to mount snapshots), unless CI is set: then a missing peer fails the test. On exit the
@@ -237,6 +242,9 @@ def containerd_daemon(tmp_path: Path) -> Iterator[ContainerdDaemon]:
         # the opt plugin would otherwise create /opt/containerd
         f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{directory / "opt"}"\n'
     )
+    for name, address in (proxy_snapshotters or {}).items():
+        with config.open("a") as toml:
+            toml.write(f'[proxy_plugins.{name}]\n  type = "snapshot"\n  address = "{address}"\n')
     log_path = directory / "containerd.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(

@@ -13,10 +13,11 @@ cause reaches ``ctr``'s output):
     SnapshotNotFoundError    NOT_FOUND             (e.g. the unpacker's Stat of a chain ID)
     SnapshotExistsError      ALREADY_EXISTS        (also: a remote layer, nothing to unpack)
     SnapshotStateError       FAILED_PRECONDITION
-    SnapshotArgumentError    INVALID_ARGUMENT      (also other ValueErrors of bad input)
+    SnapshotArgumentError    INVALID_ARGUMENT
     RegistryError            UNAVAILABLE           (blob, range, HTTP status, registry)
-    anything else            INTERNAL, "<type>: <message>" (a mount that failed, with the
-                                                  FUSE server's log lines naming the read)
+    MountError               UNAVAILABLE           (a device that could not be attached, with
+                                                  the FUSE server's log lines naming the read)
+    anything else            INTERNAL, "<type>: <message>"
 
 With a metrics address, a Prometheus endpoint (prometheus_client) serves, per method:
 ``workbench_snapshotter_requests_total{method,code}``, and the latency histogram
@@ -43,6 +44,7 @@ from typing import Any, Final
 
 import grpc
 
+from workbench.device.mount import MountError
 from workbench.errors import (
     RegistryError,
     SnapshotArgumentError,
@@ -68,6 +70,7 @@ _STATUSES: Final = (
     (SnapshotStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (SnapshotArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (RegistryError, grpc.StatusCode.UNAVAILABLE),
+    (MountError, grpc.StatusCode.UNAVAILABLE),
 )
 
 
