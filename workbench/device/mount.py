@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -281,10 +282,19 @@ def _read_line(process: subprocess.Popen[bytes], timeout: float) -> bytes:
 
 
 def _tail(path: Path, lines: int = 5) -> str:
+    """What the server's log says last: the error line that ends a traceback if there is one
+    (``module.SomeError: message``, which names the failed read), else the last lines."""
     try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+        logged = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    for line in reversed(logged):
+        if _ERROR_LINE.match(line):
+            return line
+    return " | ".join(logged[-lines:])
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\w*: ")
 
 
 def _attach_loop(disk: str, read_only: bool) -> str:
