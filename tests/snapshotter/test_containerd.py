@@ -110,6 +110,11 @@ class Stack:
         with ContainerdClient(self.containerd.socket, namespace) as client:
             return rpull(ref, client, NAME)
 
+    def reaches_snapshotter(self, namespace: str) -> bool:
+        command = ["ctr", "-a", self.containerd.socket, "-n", namespace, "snapshots"]
+        command += ["--snapshotter", NAME, "ls"]
+        return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+
     def devices(self) -> list[str]:
         return [m for m in our_mounts(self.snapshotter.root) if m.endswith("/mountpoint")]
 
@@ -252,6 +257,8 @@ def test_a_snapshotter_restart_keeps_running_containers_and_serves_new_ones(
 
     stack.snapshotter.stop(signal.SIGKILL)
     stack.snapshotter.start()
+    # containerd redials a proxy plugin with a backoff of at most 3 s.
+    wait_for(lambda: stack.reaches_snapshotter(namespace))
 
     exec_output = stack.ctr(
         namespace, "task", "exec", "--exec-id", "e1", "long", "/bin/cat", "/etc/hello.txt"
