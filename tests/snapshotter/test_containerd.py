@@ -19,19 +19,18 @@ import dataclasses
 import hashlib
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from conftest import mount_reason, push_oci, push_overlaybd, require
 from registries import ContainerdDaemon, containerd_daemon
 
 from workbench.formats.detect import open_blob
 from workbench.snapshotter.client import ContainerdClient
+from workbench.snapshotter.peer import SnapshotterProcess
 from workbench.snapshotter.rpull import rpull
 
 pytestmark = pytest.mark.slow
@@ -43,45 +42,6 @@ SCRIPT = (
     " ls /data; cat /tmp/w 2>/dev/null || echo no-previous-write; echo written > /tmp/w;"
     " cat /tmp/w"
 )
-
-
-class SnapshotterProcess:
-    """``python -m workbench.snapshotter`` on `socket`, state in `root`; restartable."""
-
-    def __init__(self, root: Path, socket_path: Path, log: Path) -> None:
-        self.root, self.socket, self.log = root, socket_path, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "workbench.snapshotter", "--root", str(self.root)]
-        command += ["--socket", str(self.socket)]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log)
-        deadline = time.monotonic() + 60
-        with ContainerdClient(self.socket, timeout=5) as client:
-            pb = client.api.snapshots
-            while time.monotonic() < deadline and self.process.poll() is None:
-                try:
-                    client.snapshots.List(pb.ListSnapshotsRequest())
-                    for _ in client.snapshots.List(pb.ListSnapshotsRequest()):
-                        pass
-                    return
-                except grpc.RpcError:
-                    time.sleep(0.1)
-        raise RuntimeError(f"the snapshotter did not start; its log:\n{self.log.read_text()}")
-
-    def stop(self, signum: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signum)
-            self.process.wait(timeout=30)
-        self.process = None
-
-    def snapshots(self) -> list[tuple[str, int]]:
-        """(name, kind) of every snapshot it holds."""
-        with ContainerdClient(self.socket, timeout=30) as client:
-            pb = client.api.snapshots
-            replies = client.snapshots.List(pb.ListSnapshotsRequest())
-            return [(info.name, info.kind) for reply in replies for info in reply.info]
 
 
 @dataclasses.dataclass
@@ -148,8 +108,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, registry: tuple[str, Path]) 
     base = tmp_path_factory.mktemp("containerd-stack")
     socket_dir = Path(tempfile.mkdtemp(prefix="wbsn-", dir="/tmp"))
     socket_path = socket_dir / "snapshotter.sock"
-    snapshotter = SnapshotterProcess(base / "snapshotter", socket_path, base / "snapshotter.log")
-    snapshotter.start()
+    snapshotter = SnapshotterProcess(base / "snapshotter", socket_path).start()
     try:
         with containerd_daemon(base, {NAME: str(socket_path)}) as containerd:
             yield Stack(containerd, snapshotter, registry)

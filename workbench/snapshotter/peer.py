@@ -1,7 +1,10 @@
-"""Debian's containerd as a private local peer, for tests and benchmarks.
+"""Debian's containerd and the workbench snapshotter as private local peers, for tests and
+benchmarks.
 
+    snapshotter = SnapshotterProcess(work / "snap", "/tmp/x/snap.sock").start()
     with containerd(workdir, {"workbench": "/tmp/x/snap.sock"}) as daemon:
         daemon.ctr("default", "image", "ls")
+    snapshotter.stop()
 
 The daemon runs as a child process with a config under `workdir`: root, state, the opt
 plugin's folder and the log there, the CRI plugin and the snapshotters that cannot load on
@@ -11,6 +14,10 @@ socket goes in `workdir` when the path fits a unix socket address, else in a fre
 under /tmp. The context waits until ``ctr version`` answers; on exit the daemon gets SIGTERM
 (SIGKILL after 10 s), every mount left under `workdir` is unmounted and the snapshot
 folders under its root are removed.
+
+`SnapshotterProcess` runs ``python -m workbench.snapshotter`` as a child (log in its root's
+parent folder unless given) and waits until List answers on its socket; it can be stopped
+with any signal (SIGKILL for a crash) and started again on the same root.
 
 Caveats:
 - containerd needs root (it mounts snapshots); `ContainerdError` says so when it is not;
@@ -24,7 +31,9 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,7 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["Containerd", "ContainerdError", "CtrError", "containerd", "missing"]
+__all__ = [
+    "Containerd",
+    "ContainerdError",
+    "CtrError",
+    "SnapshotterProcess",
+    "containerd",
+    "missing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +190,63 @@ def _unmount_under(directory: Path) -> None:
         points = [line.split()[4] for line in mountinfo]
     for point in sorted((p for p in points if p.startswith(inside)), key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=False)
+
+
+class SnapshotterProcess:
+    """``python -m workbench.snapshotter`` on `socket_path` with state in `root`; restartable.
+
+    `options` are more ``serve`` options (``--keep-devices``, ``--writable dir``, ...).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        socket_path: str | os.PathLike[str],
+        *options: str,
+        log: Path | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.socket = Path(socket_path)
+        self.options = options
+        self.log = log if log is not None else self.root.parent / f"{self.root.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> SnapshotterProcess:
+        from workbench.snapshotter.client import ContainerdClient
+
+        command = [sys.executable, "-m", "workbench.snapshotter", "--root", str(self.root)]
+        command += ["--socket", str(self.socket), *self.options]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file)
+
+        import grpc
+
+        deadline = time.monotonic() + timeout
+        with ContainerdClient(self.socket, timeout=5) as client:
+            request = client.api.snapshots.ListSnapshotsRequest()
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    for _reply in client.snapshots.List(request):
+                        pass
+                    return self
+                except grpc.RpcError:
+                    time.sleep(0.1)
+        self.stop(signal.SIGKILL)
+        tail = self.log.read_text(errors="replace")[-3000:]
+        raise ContainerdError(f"the snapshotter did not start; its log:\n{tail}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> None:
+        """Send `signum` and wait for the process to exit (devices and mounts stay)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+            self.process.wait(timeout=timeout)
+        self.process = None
+
+    def snapshots(self) -> list[tuple[str, int]]:
+        """(name, kind) of every snapshot it holds, asked over its socket."""
+        from workbench.snapshotter.client import ContainerdClient
+
+        with ContainerdClient(self.socket, timeout=30) as client:
+            replies = client.snapshots.List(client.api.snapshots.ListSnapshotsRequest())
+            return [(info.name, info.kind) for reply in replies for info in reply.info]

@@ -439,11 +439,15 @@ class Snapshotter:
             return disk_usage(folder / "fs")
 
     def cleanup(self) -> None:
-        """Free what no snapshot owns: folders, devices, mounts (containerd's Cleanup)."""
+        """Free what no snapshot owns: folders, devices, mounts (containerd's Cleanup).
+
+        A device kept without users (``auto_remove`` off) belongs to its layer and stays.
+        """
         with self._lock:
             known = {snapshot.id for snapshot in self.store.all()}
             for device in self.store.devices():
-                if device.owner not in known or (not device.writable and not device.users):
+                unused = not device.writable and not device.users and self.devices.auto_remove
+                if device.owner not in known or unused:
                     self.devices.detach(device.owner)
             self.devices.sweep()
             for folder in self.layer_dir.iterdir():
