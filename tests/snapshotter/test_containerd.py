@@ -25,9 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import mount_reason, push_oci, push_overlaybd, require
+from click.testing import CliRunner
 from registries import ContainerdDaemon, containerd_daemon
+from snapshot_images import mount_reason, push_oci, push_overlaybd, require
 
+from workbench.cli import cli
 from workbench.formats.detect import open_blob
 from workbench.snapshotter.client import ContainerdClient
 from workbench.snapshotter.peer import SnapshotterProcess
@@ -53,8 +55,10 @@ class Stack:
     def ctr(self, namespace: str, *args: str, timeout: float = 120) -> str:
         return dataclasses.replace(self.containerd, namespace=namespace).ctr(*args, timeout=timeout)
 
-    def ctr_fails(self, namespace: str, *args: str) -> str:
-        command = ["ctr", "-a", self.containerd.socket, "-n", namespace, *args]
+    def run_fails(self, namespace: str, ref: str) -> str:
+        """``ctr run`` of `ref` on the workbench snapshotter, which must fail; its stderr."""
+        command = ["ctr", "-a", self.containerd.socket, "-n", namespace, "run", "--rm"]
+        command += ["--snapshotter", NAME, ref, "failing", "/bin/true"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0, f"{' '.join(command)} succeeded: {done.stdout}"
         return done.stderr
@@ -147,6 +151,11 @@ def wait_for(condition, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+def layer_digest(config: Path) -> str:
+    """The digest of the one layer blob of the image `config` describes."""
+    return "sha256:" + hashlib.sha256((config.parent / "layer.tar").read_bytes()).hexdigest()
+
+
 def expected_output(tree: Path, previous: bool = False) -> str:
     lines = [(tree / "etc" / "hello.txt").read_text().rstrip("\n")]
     for name in ("data/random.bin", "data/deep/small.txt"):
@@ -172,10 +181,8 @@ def test_an_overlaybd_image_runs_lazily_and_like_the_oci_image_on_both_snapshott
 
     pulled = stack.rpull(namespace, obd)
     assert (pulled.remote_layers, pulled.unpacked_layers) == (1, 0)
-    layer_digest = (
-        "sha256:" + hashlib.sha256((overlaybd_layer.parent / "layer.tar").read_bytes()).hexdigest()
-    )
-    assert layer_digest not in stack.ctr(namespace, "content", "ls", "-q").split()
+    digest = layer_digest(overlaybd_layer)
+    assert digest not in stack.ctr(namespace, "content", "ls", "-q").split()
     assert stack.devices() == []  # nothing attached until a container needs it
 
     stack.ctr(namespace, "image", "pull", "--plain-http", "--snapshotter", NAME, oci)
@@ -187,14 +194,17 @@ def test_an_overlaybd_image_runs_lazily_and_like_the_oci_image_on_both_snapshott
     assert stack.run(namespace, oci, "overlayfs") == expected
     # Each container has its own upper: the second run of the image sees no earlier write.
     assert stack.run(namespace, obd, NAME) == expected
-    assert layer_digest not in stack.ctr(namespace, "content", "ls", "-q").split()
+    assert digest not in stack.ctr(namespace, "content", "ls", "-q").split()
 
 
 def test_rw_mode_dir_runs_the_container_on_its_writable_device(
     stack: Stack, namespace: str, overlaybd_layer: Path, image_tree: Path
 ) -> None:
     obd = push_overlaybd(stack.registry, overlaybd_layer, "obd/busybox:dir")
-    stack.rpull(namespace, obd)
+    arguments = ["rpull", obd, "-a", stack.containerd.socket, "-n", namespace]
+    pulled = CliRunner().invoke(cli, [*arguments, "--snapshotter", NAME])
+    assert pulled.exit_code == 0, pulled.output
+    assert pulled.output.endswith(": 1 remote, 0 unpacked, 0 present layers\n"), pulled.output
 
     label = ["--snapshotter-label", f"{WRITABLE}=dir"]
     assert stack.run(namespace, obd, NAME, *label) == expected_output(image_tree)
@@ -232,13 +242,12 @@ def test_a_failed_lazy_read_names_the_blob_and_the_registry_in_ctrs_error(
 ) -> None:
     obd = push_overlaybd(stack.registry, overlaybd_layer, "broken/busybox:v1")
     stack.rpull(namespace, obd)
-    layer = overlaybd_layer.parent / "layer.tar"
-    digest = "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
+    digest = layer_digest(overlaybd_layer)
     # The registry forgets the layer for this repository only: reads of it answer 404.
     link = stack.registry[1] / "repositories" / "broken" / "busybox" / "_layers"
     (link / digest.removeprefix("sha256:")).unlink()
 
-    error = stack.ctr_fails(namespace, "run", "--rm", "--snapshotter", NAME, obd, "x", "/bin/true")
+    error = stack.run_fails(namespace, obd)
     assert digest in error and "404" in error and stack.registry[0] in error, error
     assert not error.rstrip().endswith(": unknown"), error
     assert stack.devices() == []
@@ -257,19 +266,16 @@ def test_a_corrupt_block_names_the_checksum_failure_in_ctrs_error(
 ) -> None:
     obd = push_overlaybd(stack.registry, overlaybd_layer, "corrupt/busybox:v1")
     stack.rpull(namespace, obd)
-    layer = overlaybd_layer.parent / "layer.tar"
-    digest = "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
+    digest = layer_digest(overlaybd_layer)
     blob = stack.registry[1] / "blobs" / "sha256" / digest.removeprefix("sha256:")
     intact = blob.read_bytes()
     # One byte inside the first compressed ZFile block (the LSMT header is in it).
-    with open_blob(layer) as unwrapped:
+    with open_blob(overlaybd_layer.parent / "layer.tar") as unwrapped:
         assert unwrapped.layers == ("tar", "zfile") and unwrapped.tar and unwrapped.zfile
         at = unwrapped.tar.offset + int(unwrapped.zfile.block_offsets()[0]) + 10
     blob.write_bytes(intact[:at] + bytes([intact[at] ^ 0xFF]) + intact[at + 1 :])
     try:
-        error = stack.ctr_fails(
-            namespace, "run", "--rm", "--snapshotter", NAME, obd, "x", "/bin/true"
-        )
+        error = stack.run_fails(namespace, obd)
     finally:
         blob.write_bytes(intact)
     assert "ChecksumError" in error and digest in error, error

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import mount_reason, push_overlaybd, require
+from snapshot_images import mount_reason, push_overlaybd, require
 
 from workbench.device.mount import list_mounts, unmount_all
 from workbench.errors import (

@@ -8,9 +8,9 @@ own ``overlayfs`` snapshotter and for ``workbench``, the OverlayBD image with `r
 both workbench snapshotters. Then, each figure with its baseline measured in the same run:
 
 gRPC per call (`calls` round trips each, median and p90):
-- an empty gRPC call (bytes in, bytes out) to a Python grpcio server in this process: the
-  floor of any Python gRPC server; Stat and Mounts sent straight to the snapshotter's
-  socket are shown against it;
+- an empty gRPC call (bytes in, bytes out) to a Python grpcio server in another process,
+  on a unix socket as the snapshotter: the floor of any Python gRPC server; Stat and
+  Mounts sent straight to the snapshotter's socket are shown against it;
 - Stat and Mounts through containerd's snapshots API (what containerd's clients pay):
   ``snapshotter=workbench`` (containerd's proxy forwards to the Python server) against
   ``snapshotter=overlayfs`` (containerd's own, in its process).
@@ -37,6 +37,7 @@ import logging
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -252,28 +253,43 @@ def _grpc_table(setup: _Setup, settings: SnapshotterBenchmark) -> Table:
     return table
 
 
+_EMPTY_SERVER = """
+import sys
+from concurrent import futures
+import grpc
+server = grpc.server(futures.ThreadPoolExecutor(8))
+handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")
+generic = grpc.method_handlers_generic_handler("bench.Empty", {"Call": handler})
+server.add_generic_rpc_handlers([generic])
+server.add_insecure_port("unix:" + sys.argv[1])
+server.start()
+sys.stdin.read()
+server.stop(0)
+"""
+"""A grpcio server with one empty method, in a child process like the snapshotter; it stops
+when its stdin closes."""
+
+
 @contextlib.contextmanager
 def _empty_server() -> Iterator[Callable[[], None]]:
-    """A call to an empty unary method of a grpcio server on a unix socket (kept alive)."""
-    from concurrent import futures
-
+    """A call to an empty unary method of a grpcio server in another process (unix socket)."""
     import grpc
 
     folder = Path(tempfile.mkdtemp(prefix="wbgrpc-", dir="/tmp"))
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("bench.Empty", {"Call": handler})]
+    socket_path = folder / "empty.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-c", _EMPTY_SERVER, str(socket_path)], stdin=subprocess.PIPE
     )
-    server.add_insecure_port(f"unix:{folder / 'empty.sock'}")
-    server.start()
-    channel = grpc.insecure_channel(f"unix:{folder / 'empty.sock'}")
+    channel = grpc.insecure_channel(f"unix:{socket_path}")
     method = channel.unary_unary("/bench.Empty/Call")
     try:
+        grpc.channel_ready_future(channel).result(timeout=30)
         yield lambda: method(b"", timeout=10)
     finally:
         channel.close()
-        server.stop(0).wait()
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
 
 
