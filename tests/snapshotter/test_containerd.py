@@ -184,6 +184,13 @@ def test_an_overlaybd_image_runs_lazily_and_like_the_oci_image_on_both_snapshott
     digest = layer_digest(overlaybd_layer)
     assert digest not in stack.ctr(namespace, "content", "ls", "-q").split()
     assert stack.devices() == []  # nothing attached until a container needs it
+    # The manifest references its config, the config the top snapshot: kept after the lease.
+    labels = {
+        line.split()[0]: line.split()[-1]
+        for line in stack.ctr(namespace, "content", "ls").splitlines()[1:]
+    }
+    assert "containerd.io/gc.ref.content.config=" in labels[pulled.manifest_digest]
+    assert f"containerd.io/gc.ref.snapshot.{NAME}={pulled.chain_id}" in "".join(labels.values())
 
     stack.ctr(namespace, "image", "pull", "--plain-http", "--snapshotter", NAME, oci)
     stack.ctr(namespace, "image", "pull", "--plain-http", "--snapshotter", "overlayfs", oci)

@@ -8,7 +8,9 @@ a single manifest):
 
 1. resolve the reference in the registry (an index to the platform's manifest);
 2. inside a lease: put the manifest (labelled with the ``containerd.io/gc.ref.content.*``
-   references to its config and layers) and the config into containerd's content store;
+   references to its config and layers) and the config into containerd's content store,
+   both labelled ``containerd.io/distribution.source.<host>`` = repository as ``ctr``'s
+   fetch labels them;
 3. unpack, layer by layer, as containerd's unpacker does: Stat the chain ID; if it is
    missing, Prepare ``extract-<unique> <chainID>`` on the parent chain with the layer's
    ``containerd.io/snapshot/*`` annotations, ``containerd.io/snapshot.ref`` = chain ID and
@@ -37,6 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -103,7 +106,7 @@ def rpull(
         chain = chain_ids(diff_ids)
 
         with client.lease():
-            _put_metadata(client, manifest, config_bytes)
+            _put_metadata(client, ref, manifest, config_bytes)
             counts = _unpack(client, snapshotter, session, ref, manifest, diff_ids, chain)
             client.label_content(
                 manifest.config.digest,
@@ -141,10 +144,15 @@ def _diff_ids(config_bytes: bytes, manifest: Manifest, ref: ImageReference) -> l
     return diff_ids
 
 
-def _put_metadata(client: ContainerdClient, manifest: Manifest, config_bytes: bytes) -> None:
-    """Manifest (with its gc references) and config into the content store."""
-    client.write_content(config_bytes)
-    references = {"containerd.io/gc.ref.content.config": manifest.config.digest}
+def _put_metadata(
+    client: ContainerdClient, ref: ImageReference, manifest: Manifest, config_bytes: bytes
+) -> None:
+    """Manifest (with its gc references) and config into the content store, each labelled
+    with its source repository as containerd's fetch does (a later push can mount from it)."""
+    hostname = urlsplit(f"//{ref.host}").hostname or ref.host
+    source = {f"containerd.io/distribution.source.{hostname}": ref.repository}
+    client.write_content(config_bytes, source)
+    references = {**source, "containerd.io/gc.ref.content.config": manifest.config.digest}
     for position, layer in enumerate(manifest.layers):
         references[f"containerd.io/gc.ref.content.l.{position}"] = layer.digest
     client.write_content(manifest.raw, references)
