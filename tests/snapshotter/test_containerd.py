@@ -140,7 +140,7 @@ def namespace(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
     if images:
         stack.ctr(name, "image", "rm", "--sync", *images)
     wait_for(lambda: not [s for s, _ in stack.snapshotter.snapshots() if s.startswith(name + "/")])
-    assert stack.devices() == []
+    wait_for(lambda: stack.devices() == [])  # torn down after Remove answered
 
 
 def wait_for(condition, timeout: float = 30) -> None:

@@ -274,6 +274,15 @@ def test_a_remote_layer_is_committed_at_once_and_read_lazily_under_an_overlay(
     snapshotter.remove("ns/4/v")
     assert len(list_mounts(root / "run")) == 1
     snapshotter.remove("ns/3/c2")
+    # The device goes on the reaper thread, after Remove answered; a container that comes
+    # meanwhile waits for that teardown and gets a fresh device.
+    mount(snapshotter.prepare("ns/5/c3", name), target)
+    try:
+        assert (target / "etc" / "hello.txt").read_text() == "hello from the image\n"
+    finally:
+        umount(target)
+    snapshotter.remove("ns/5/c3")
+    snapshotter.drain()
     assert list_mounts(root / "run") == []
 
     snapshotter.remove(name)
@@ -352,6 +361,8 @@ def test_rw_mode_dir_gives_a_writable_device_and_local_layers_are_block_layers(
         snapshotter.commit("ns/2/img", "ns/2/c1")
 
     snapshotter.remove("ns/2/c1")
+    snapshotter.drain()
     assert list_mounts(root / "run") == [] and not block.exists()
     snapshotter.remove("ns/1/layer")
+    snapshotter.drain()
     assert our_mounts(root) == []

@@ -31,6 +31,9 @@ Caveats:
   snapshot that owns it;
 - `attach_readonly` and `attach_writable` take as long as a FUSE server start, a loop
   device and an ext4 mount (about a second here); the caller holds its lock meanwhile.
+  Teardowns run on one reaper thread, in order, without that lock;
+- a teardown interrupted by a crash leaves pieces that the next start (dead servers, mounts
+  without a record) and Cleanup (folders without a snapshot) remove.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Final
 
@@ -111,6 +115,7 @@ class DeviceManager:
         *,
         insecure: Sequence[str] = (),
         auto_remove: bool = True,
+        background: bool = True,
     ) -> None:
         self.root = root
         self.layer_dir = root / "snapshots"
@@ -118,6 +123,9 @@ class DeviceManager:
         self.store = store
         self.insecure = tuple(DEFAULT_INSECURE) + tuple(insecure)
         self.auto_remove = auto_remove
+        self.background = background
+        self._reaper = futures.ThreadPoolExecutor(1, "snapshotter-reaper")
+        self._pending: dict[int, futures.Future[None]] = {}
 
     def block_dir(self, owner: int) -> Path:
         return self.layer_dir / str(owner) / "block"
@@ -156,6 +164,7 @@ class DeviceManager:
         return mountpoint
 
     def _mount(self, owner: int, chain: Sequence[Snapshot], writable: bool) -> str:
+        self.wait(owner)
         block = self.block_dir(owner)
         mountpoint = block / "mountpoint"
         mountpoint.mkdir(parents=True, exist_ok=True)
@@ -192,14 +201,48 @@ class DeviceManager:
             else:
                 self.detach(device.owner)
 
-    def detach(self, owner: int) -> None:
-        """Tear down the device `owner` holds, if any (its users are not asked)."""
+    def detach(self, owner: int, then_remove: Path | None = None) -> None:
+        """Tear down the device `owner` holds, if any (its users are not asked), and then
+        remove the folder `then_remove`.
+
+        The record goes at once; the teardown runs on the reaper thread (``background``),
+        so that containerd's collector, which calls Remove while it holds its snapshotter
+        lock, does not wait for an unmount. A later attach of the same owner waits for it.
+        """
         device = self.store.device(owner)
-        if device is None:
+        if device is not None:
+            self.store.delete_device(owner)
+        mountpoint = device.mountpoint if device is not None else None
+        if mountpoint is None and then_remove is None:
             return
-        self._unmount_path(Path(device.mountpoint))
-        self.store.delete_device(owner)
-        log.info("detached the device of snapshot %d (%s)", owner, device.mountpoint)
+        if not self.background:
+            self._teardown(owner, mountpoint, then_remove)
+            return
+        self._pending = {key: job for key, job in self._pending.items() if not job.done()}
+        self._pending[owner] = self._reaper.submit(self._teardown, owner, mountpoint, then_remove)
+
+    def _teardown(self, owner: int, mountpoint: str | None, folder: Path | None) -> None:
+        try:
+            if mountpoint is not None:
+                self._unmount_path(Path(mountpoint))
+                log.info("detached the device of snapshot %d (%s)", owner, mountpoint)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        except Exception:
+            log.exception("tearing down snapshot %d (%s) failed; Cleanup retries", owner, folder)
+
+    def wait(self, owner: int | None = None) -> None:
+        """Wait for the pending teardown of `owner`, or for every pending teardown."""
+        if owner is None:
+            self._reaper.submit(lambda: None).result()
+            return
+        job = self._pending.pop(owner, None)
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        """Finish the pending teardowns and stop the reaper thread."""
+        self._reaper.shutdown(wait=True)
 
     def _unmount_path(self, mountpoint: Path) -> None:
         target = os.path.realpath(mountpoint)
@@ -224,7 +267,8 @@ class DeviceManager:
             log.warning("the server of %s had died; its mount was removed", stale.mountpoint)
         for device in self.store.devices():
             wanted = chain_of.get(device.owner)
-            if wanted is None or (not device.writable and not device.users):
+            unused = not device.writable and not device.users and self.auto_remove
+            if wanted is None or unused:
                 self.detach(device.owner)
                 continue
             if self._is_mounted(device):
@@ -245,7 +289,3 @@ class DeviceManager:
                 log.warning("removing the orphaned mount %s", mount.mountpoint)
                 unmount(mount.mountpoint, self.run_dir)
         cleanup_stale(self.run_dir)
-
-    def remove_block_dir(self, owner: int) -> None:
-        self.detach(owner)
-        shutil.rmtree(self.block_dir(owner), ignore_errors=True)

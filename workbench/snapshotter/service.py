@@ -123,7 +123,10 @@ class Snapshotter:
         The default rwMode of containers on OverlayBD images: ``overlayfs`` or ``dir``.
     auto_remove
         Tear an image's device down when its last container or view goes (autoRemoveDev);
-        when off, devices stay until their layer is removed or `cleanup` runs.
+        when off, devices stay until their layer is removed.
+    background
+        Tear devices down and remove folders on a reaper thread after Remove has answered
+        (`drain` waits for it); off, Remove does it before it answers.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class Snapshotter:
         insecure: Iterable[str] = (),
         writable_mode: str = "overlayfs",
         auto_remove: bool = True,
+        background: bool = True,
     ) -> None:
         if writable_mode not in WRITABLE_MODES:
             raise SnapshotArgumentError(
@@ -144,7 +148,11 @@ class Snapshotter:
         self.writable_mode = writable_mode
         self.store = MetadataStore(self.root / "metadata.db")
         self.devices = DeviceManager(
-            self.root, self.store, insecure=tuple(insecure), auto_remove=auto_remove
+            self.root,
+            self.store,
+            insecure=tuple(insecure),
+            auto_remove=auto_remove,
+            background=background,
         )
         self._index_off = Path("/sys/module/overlay/parameters/index").exists()
         self._lock = threading.RLock()
@@ -152,9 +160,15 @@ class Snapshotter:
             self.devices.recover(self._wanted_devices())
 
     def close(self) -> None:
-        """Close the store; devices and mounts stay (a restarted snapshotter finds them)."""
+        """Finish pending teardowns, close the store; devices and mounts in use stay (a
+        restarted snapshotter finds them)."""
         with self._lock:
+            self.devices.close()
             self.store.close()
+
+    def drain(self) -> None:
+        """Wait until every teardown that Remove started has finished."""
+        self.devices.wait()
 
     # Creating ---------------------------------------------------------------------------
 
@@ -370,7 +384,7 @@ class Snapshotter:
             return False
 
     def remove(self, key: str) -> None:
-        """Remove snapshot `key`, its devices and its folder."""
+        """Remove snapshot `key`; its devices and folder go on the reaper thread (`drain`)."""
         with self._lock:
             snapshot = self._get(key)
             children = self.store.children(snapshot.name)
@@ -383,9 +397,8 @@ class Snapshotter:
 
     def _destroy(self, snapshot: Snapshot) -> None:
         self.devices.release(snapshot.name)
-        self.devices.detach(snapshot.id)
         self.store.delete(snapshot.id)
-        shutil.rmtree(self._folder(snapshot), ignore_errors=True)
+        self.devices.detach(snapshot.id, then_remove=self._folder(snapshot))
 
     # Reading and labels --------------------------------------------------------------------
 
@@ -444,6 +457,7 @@ class Snapshotter:
         A device kept without users (``auto_remove`` off) belongs to its layer and stays.
         """
         with self._lock:
+            self.devices.wait()
             known = {snapshot.id for snapshot in self.store.all()}
             for device in self.store.devices():
                 unused = not device.writable and not device.users and self.devices.auto_remove
@@ -454,6 +468,7 @@ class Snapshotter:
                 if not (folder.name.isdigit() and int(folder.name) in known):
                     log.info("cleanup: removing %s, which no snapshot owns", folder)
                     shutil.rmtree(folder, ignore_errors=True)
+            self.devices.wait()
 
     # Helpers ---------------------------------------------------------------------------
 
