@@ -366,3 +366,18 @@ def test_rw_mode_dir_gives_a_writable_device_and_local_layers_are_block_layers(
     snapshotter.remove("ns/1/layer")
     snapshotter.drain()
     assert our_mounts(root) == []
+
+
+def test_a_remote_layer_of_another_file_system_is_refused_with_the_reason(
+    snapshotter: Snapshotter,
+) -> None:
+    from workbench.registry.image import BLOB_FS_TYPE
+
+    labels = remote_labels("127.0.0.1:1/x/y:v1", "sha256:" + "a" * 64, 4096, "sha256:" + "a" * 64)
+    labels[BLOB_FS_TYPE] = "erofs"
+    with pytest.raises(SnapshotExistsError):
+        snapshotter.prepare("ns/1/extract", "", labels)
+    [layer] = snapshotter.walk()
+    with pytest.raises(SnapshotArgumentError, match=r"holds erofs .* mounts ext4 only"):
+        snapshotter.prepare("ns/2/c1", layer.name)
+    assert [s.name for s in snapshotter.walk()] == [layer.name]

@@ -55,7 +55,7 @@ from workbench.device.mount import (
 )
 from workbench.errors import SnapshotArgumentError
 from workbench.formats.config import ImageConfig, LowerConfig
-from workbench.registry.image import BLOB_DIGEST, BLOB_SIZE
+from workbench.registry.image import BLOB_DIGEST, BLOB_FS_TYPE, BLOB_SIZE
 from workbench.registry.reference import DEFAULT_INSECURE, ImageReference
 from workbench.snapshotter.store import Device, MetadataStore, Snapshot, Storage
 
@@ -76,7 +76,8 @@ def chain_config(
     """The config.v1.json of a chain of block layers (bottom first); see the module docstring.
 
     `layer_dir` is the snapshots folder (``ROOT/snapshots``). Raises `SnapshotArgumentError`
-    for a remote layer without blob labels or an image reference.
+    for a remote layer without blob labels or an image reference, or whose
+    ``blob-fs-type`` is not ext4 (erofs images of accelerated-container-image, for one).
     """
     lowers = []
     image_ref = ""
@@ -89,6 +90,13 @@ def chain_config(
             raise SnapshotArgumentError(
                 f"snapshot {layer.name} is a remote layer without labels {BLOB_DIGEST} and "
                 f"{BLOB_SIZE}; remove it and pull the image again"
+            )
+        fs_type = layer.labels.get(BLOB_FS_TYPE, "ext4")
+        if fs_type.split(";")[0] != "ext4":
+            raise SnapshotArgumentError(
+                f"snapshot {layer.name}: layer {digest} holds {fs_type.split(';')[0]} "
+                f"({BLOB_FS_TYPE}); the workbench device mounts ext4 only, convert the "
+                "image with ext4"
             )
         lowers.append(LowerConfig(digest=digest, size=int(size)))
         image_ref = next((layer.labels[k] for k in IMAGE_REF_LABELS if k in layer.labels), "")
