@@ -332,7 +332,7 @@ def test_devices_survive_a_restart_and_a_dead_server_is_replaced(
 
 
 @pytest.mark.slow
-def test_rw_mode_dir_gives_a_writable_device_and_local_layers_are_block_layers(
+def test_rw_mode_dir_gives_a_writable_device_that_commits_to_a_block_layer(
     snapshotter: Snapshotter, root: Path, tmp_path: Path, overlaybd_layer: Path
 ) -> None:
     require(mount_reason())
@@ -357,13 +357,20 @@ def test_rw_mode_dir_gives_a_writable_device_and_local_layers_are_block_layers(
         umount(target)
     assert (block / "writable" / "data").stat().st_size > 0
     assert snapshotter.usage("ns/2/c1")[0] > 0
-    with pytest.raises(SnapshotStateError, match="rwMode dir"):
-        snapshotter.commit("ns/2/img", "ns/2/c1")
 
-    snapshotter.remove("ns/2/c1")
-    snapshotter.drain()
+    # Committing seals the writable layer into a block layer that containers stack on.
+    sealed = snapshotter.commit("ns/2/img", "ns/2/c1")
+    assert sealed.storage == Storage.LOCAL_BLOCK
     assert list_mounts(root / "run") == [] and not block.exists()
-    snapshotter.remove("ns/1/layer")
+    mount(snapshotter.prepare("ns/3/c2", "ns/2/img"), target)
+    try:
+        assert (target / "written.txt").read_text() == "on the block device\n"
+        assert (target / "etc" / "hello.txt").read_text() == "hello from the image\n"
+    finally:
+        umount(target)
+
+    for name in ("ns/3/c2", "ns/2/img", "ns/1/layer"):
+        snapshotter.remove(name)
     snapshotter.drain()
     assert our_mounts(root) == []
 

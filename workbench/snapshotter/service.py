@@ -34,15 +34,17 @@ OverlayBD layers (shared/specs/overlaybd-formats.md section 4.4):
   attached on first use) as the lowest lowerdir of its overlay and its own upper (rwMode
   ``overlayfs``, the default); with the label ``containerd.io/snapshot/overlaybd.writable``
   = ``dir`` (or the snapshotter's default mode ``dir``) an active snapshot on an OverlayBD
-  parent gets its own writable device instead, mounted read-write and bound as the rootfs.
+  parent gets its own writable device instead, mounted read-write and bound as the rootfs;
+  committing it seals its writable layer into a local block layer.
   Ordinary layers on top of OverlayBD layers (a container committed as an image) stack as
   overlay lowerdirs above the device.
 
 Caveats:
 - rwMode ``dev`` (a raw block device for the runtime) is refused: there is no block device
   to hand over without TCMU, only a FUSE-backed loop device the snapshotter mounts itself;
-- committing a snapshot on a writable device (rwMode ``dir``) is refused; commit
-  containers in rwMode overlayfs (or use ``workbench commit`` on the mount);
+- committing a container on a writable device (rwMode ``dir``) unmounts it and seals its
+  writable layer into ``fs/overlaybd.commit`` (a local block layer): the container's
+  mounts are gone afterwards, as its snapshot is;
 - one lock serializes every call, device attaches included: two containers of different
   OverlayBD images start one after the other;
 - TurboOCI and acceleration (trace) layers are unpacked as ordinary layers, so an image with
@@ -56,6 +58,7 @@ import os
 import shutil
 import stat
 import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,13 +348,9 @@ class Snapshotter:
                 )
             if self.store.get(name) is not None:
                 raise SnapshotExistsError(f"snapshot {name} already exists")
-            if snapshot.storage == Storage.WRITABLE_BLOCK:
-                raise SnapshotStateError(
-                    f"snapshot {key} is a writable OverlayBD device (rwMode dir); committing "
-                    "it is not supported, run the container with rwMode overlayfs to commit"
-                )
-
             folder = self._folder(snapshot)
+            if snapshot.storage == Storage.WRITABLE_BLOCK:
+                self._seal_writable(snapshot)
             self.devices.release(snapshot.name)
             shutil.rmtree(folder / "work", ignore_errors=True)
             snapshot.size, snapshot.inodes = disk_usage(folder / "fs")
@@ -365,6 +364,27 @@ class Snapshotter:
             self.store.save(snapshot)
             log.debug("committed %s as %s (%s)", key, name, snapshot.storage)
             return snapshot
+
+    def _seal_writable(self, snapshot: Snapshot) -> None:
+        """Turn a container's writable device into the layer file ``fs/overlaybd.commit``
+        (lz4 ZFile, a fresh uuid), as OverlayBD's snapshotter commits rwMode dir."""
+        from workbench.image.commit import commit_writable
+        from workbench.image.writable import WritableLayer
+
+        # Unmounting flushes ext4 to the device and the FUSE server flushes the layer.
+        self.devices.detach(snapshot.id)
+        self.devices.wait(snapshot.id)
+        block = self._folder(snapshot) / "block"
+        layer = WritableLayer.open(
+            block / "writable" / "data", block / "writable" / "index", readonly=True
+        )
+        try:
+            out = self._folder(snapshot) / "fs" / LAYER_FILE
+            commit_writable(layer, out, uuid=str(uuid.uuid4()), compress="lz4")
+        finally:
+            layer.close()
+        shutil.rmtree(block, ignore_errors=True)
+        log.info("sealed the writable device of %s into %s", snapshot.name, LAYER_FILE)
 
     def _holds_block_layer(self, fs: Path) -> bool:
         """True if `fs` holds only a valid OverlayBD layer file (`LAYER_FILE`)."""
