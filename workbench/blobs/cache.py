@@ -208,6 +208,20 @@ class CacheStatistics:
     crc_failures: int
     blobs: tuple[BlobStatistics, ...]
 
+    def _repr_html_(self) -> str:
+        import pandas as pd
+
+        from workbench.explore.html import card, human_bytes
+
+        fields = {
+            "present": f"{human_bytes(self.present_bytes)} of {human_bytes(self.capacity_bytes)}",
+            "hits / misses": f"{self.hits} / {self.misses}",
+            "fetched": f"{human_bytes(self.bytes_fetched)} in {self.fetches} fetches",
+            "evictions, crc failures": f"{self.evictions}, {self.crc_failures}",
+        }
+        blobs = pd.DataFrame([dataclasses.asdict(blob) for blob in self.blobs])
+        return card(f"CacheStatistics {self.directory}", fields, blobs)
+
 
 @dataclasses.dataclass(frozen=True)
 class BlobInventory:
@@ -545,6 +559,8 @@ class BlockCache:
         self._states: dict[str, _BlobState] = {}
         self._nursery: trio.Nursery | None = None
         self._closed = False
+        self.fetch_observer: Callable[[float], None] | None = None
+        """Called with the seconds of every fetch (metrics' latency histogram), if set."""
 
         self._lock_fd = self._claim_directory()
         self._load()
@@ -737,6 +753,17 @@ class BlockCache:
 
     # Statistics
 
+    def block_states(self, key: str) -> np.ndarray | None:
+        """One byte per block of blob `key`: 0 absent, 1 present, 2 being fetched; None if
+        the cache has no such blob. Call it in the cache's trio thread (a snapshot)."""
+        state = self._states.get(key)
+        if state is None:
+            return None
+        states = (state.records["state"] == PRESENT).astype(np.uint8)
+        for block in state.in_flight:
+            states[block] = 2
+        return states
+
     def statistics(self) -> CacheStatistics:
         blobs = tuple(state.statistics() for state in self._states.values())
         totals = {
@@ -790,6 +817,23 @@ class CachedBlob:
 
     def statistics(self) -> BlobStatistics:
         return self._state.statistics()
+
+    @property
+    def refill_size(self) -> int:
+        """Bytes per block (the last block of the blob may be shorter)."""
+        return self._state.refill
+
+    def presence(self) -> np.ndarray:
+        """One boolean per block, True where the block is present: a copy, taken now.
+
+        The table changes in the cache's trio thread; a copy read from another thread is a
+        snapshot that may miss a fill finishing at the same moment, never a torn record.
+        """
+        return self._state.records["state"] == PRESENT
+
+    def block_lengths(self) -> np.ndarray:
+        """Bytes of each block (refill size, the last one shorter)."""
+        return self._state.lengths.copy()
 
     def close(self) -> None:
         """Stop this handle's background download; the cached blocks stay."""
@@ -1029,6 +1073,8 @@ class CachedBlob:
         counters.bytes_fetched += len(data)
         counters.fetch_seconds_total += seconds
         counters.fetch_seconds_max = max(counters.fetch_seconds_max, seconds)
+        if self.cache.fetch_observer is not None:
+            self.cache.fetch_observer(seconds)
         if recorder is not None:
             recorder.emit("cache", "fetch", self.key, offset, length, start_ns, len(data))
         log.debug("blob %s: fetched %d+%d in %.1f ms", self.key, offset, length, seconds * 1e3)
