@@ -53,14 +53,16 @@ def _register() -> None:
     from workbench.cli.prefetch import prefetch
     from workbench.cli.registry import registry
     from workbench.cli.shape import shape
+    from workbench.cli.snapshotter import rpull, snapshotter
     from workbench.cli.trace import trace
     from workbench.cli.zfile import zfile
 
     images = (lsmt, zfile, inspect, export)
     devices = (mount, umount, commit)
     registries = (registry, blob, cache, shape)
+    containers = (snapshotter, rpull)
     tools = (trace, bench, demo, debugfs, prefetch, experiment)
-    for command in (*images, *devices, *registries, *tools):
+    for command in (*images, *devices, *registries, *containers, *tools):
         cli.add_command(command)
 
 
