@@ -47,19 +47,23 @@ def _register() -> None:
     from workbench.cli.debugfs import debugfs
     from workbench.cli.demo import demo
     from workbench.cli.device import commit, mount, umount
+    from workbench.cli.experiment import experiment
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
     from workbench.cli.prefetch import prefetch
     from workbench.cli.registry import registry
     from workbench.cli.shape import shape
+    from workbench.cli.snapshotter import rpull, snapshotter
     from workbench.cli.trace import trace
     from workbench.cli.zfile import zfile
 
     images = (lsmt, zfile, inspect, export)
     devices = (mount, umount, commit)
     registries = (registry, blob, cache, shape)
-    for command in (*images, *devices, *registries, dataset, trace, bench, demo, debugfs, prefetch):
+    containers = (snapshotter, rpull)
+    tools = (dataset, trace, bench, demo, debugfs, prefetch, experiment)
+    for command in (*images, *devices, *registries, *containers, *tools):
         cli.add_command(command)
 
 

@@ -165,6 +165,44 @@ def device(
             json.dump([table.to_dict() for table in tables], out, indent=2)
 
 
+@bench.command("snapshotter")
+@click.option("--quick", is_flag=True, help="A smoke run (200 calls, 3 starts per variant).")
+@click.option("--calls", type=int, default=None, help="Round trips per gRPC figure (1000).")
+@click.option("--starts", type=int, default=None, help="Container starts per variant (7).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder for images, snapshots and containerd (default: /var/tmp).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def snapshotter(
+    quick: bool,
+    calls: int | None,
+    starts: int | None,
+    workdir: str | None,
+    json_path: str | None,
+) -> None:
+    """The proxy snapshotter: gRPC cost per call and container start (needs root, containerd).
+
+    Starts a private containerd with two workbench snapshotters (autoRemoveDev on and off)
+    and a busybox image as OCI and as OverlayBD. Prints Stat and Mounts round trips against
+    an empty gRPC call and, through containerd, against containerd's own overlayfs; and
+    `ctr run --rm` of a warm image on each snapshotter against overlayfs.
+    """
+    from workbench.bench.snapshotter import SnapshotterBenchmark, bench_snapshotter
+
+    settings = SnapshotterBenchmark.quick() if quick else SnapshotterBenchmark()
+    if calls is not None:
+        settings.calls = calls
+    if starts is not None:
+        settings.starts = starts
+
+    tables = bench_snapshotter(settings, workdir, out=sys.stdout)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump([table.to_dict() for table in tables], out, indent=2)
+
+
 @bench.command("prefetch")
 @click.option("--quick", is_flag=True, help="A smoke run of well under a minute.")
 @click.option("--rtt-ms", type=float, default=None, help="Round-trip time of the link (20).")

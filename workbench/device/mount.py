@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,8 @@ class Mount:
     hang_threshold: float | None = None
     prefetch: dict[str, object] | None = None
     """The `PrefetchConfig` in force (mode resolved), as a dict."""
+    cache_dir: str | None = None
+    """The server's block cache folder (``$WORKBENCH_CACHE_DIR`` of the child); None: default."""
 
     @property
     def disk(self) -> str:
@@ -147,6 +150,7 @@ def mount_image(
     prefetch: PrefetchConfig | None = None,
     metrics: str | None = None,
     hang_threshold: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Mount:
     """Mount the ext4 file system of image `image` at `mountpoint`.
 
@@ -158,13 +162,17 @@ def mount_image(
     none) and ext4 is mounted read-write; without it the image is read-only unless its
     config has an upper. `read_only` overrides the guess for a config with an upper. With
     `trace` the server records every event and writes them to that Parquet file when it
-    stops (`workbench.device.fuse.main`).
+    stops (`workbench.device.fuse.main`). `cache_dir` gives the server its own block cache
+    folder (a cache folder serves one process at a time, so concurrent mounts of remote
+    images each need one); by default it uses `default_cache_dir()`.
     `prefetch` records or replays a trace, or prefetches a priority list
     (`workbench.prefetch.PrefetchConfig`; its ``auto`` mode is decided here, from the file).
     `metrics` serves Prometheus metrics on ``[HOST:]PORT`` (port 0: any free one, see
     ``Mount.metrics_port``); `hang_threshold` is the age in seconds at which a request in
     flight counts as hung (default 30).
-    Raises `MountError` (everything made so far is torn down again) if a step fails.
+    Raises `MountError` (everything made so far is torn down again) if a step fails; when
+    ext4 cannot be mounted, the message ends with the server's last log lines, which name
+    the read that failed (blob, range, HTTP status or checksum).
     """
     run = Path(run_dir) if run_dir is not None else default_run_dir()
     cleanup_stale(run)
@@ -195,6 +203,7 @@ def mount_image(
         metrics=metrics,
         hang_threshold=hang_threshold,
         prefetch=asdict(prefetch.resolved()) if prefetch is not None else None,
+        cache_dir=os.path.abspath(cache_dir) if cache_dir is not None else None,
     )
     mount.save()
     try:
@@ -202,7 +211,11 @@ def mount_image(
         mount.save()
         mount.loop = _attach_loop(mount.disk, read_only)
         mount.save()
-        _mount_ext4(mount.loop, mount.mountpoint, read_only)
+        try:
+            _mount_ext4(mount.loop, mount.mountpoint, read_only)
+        except MountError as exc:
+            log_path = Path(mount.run_dir) / "mounts" / f"{mount.id}.log"
+            raise MountError(f"{exc}; the FUSE server's log: {_tail(log_path)}") from exc
         mount.complete = True
         mount.save()
         if mount.prefetch is not None and mount.prefetch["mode"] == "list":
@@ -293,6 +306,9 @@ def _server_command(mount: Mount) -> list[str]:
 def _start_server(mount: Mount) -> int:
     command = _server_command(mount)
     log_path = Path(mount.run_dir) / "mounts" / f"{mount.id}.log"
+    environment = None
+    if mount.cache_dir is not None:
+        environment = {**os.environ, "WORKBENCH_CACHE_DIR": mount.cache_dir}
     with open(log_path, "ab") as log_file:
         server = subprocess.Popen(
             command,
@@ -300,6 +316,7 @@ def _start_server(mount: Mount) -> int:
             stderr=log_file,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=environment,
         )
     mount.pid = server.pid
     mount.save()
@@ -332,10 +349,19 @@ def _read_line(process: subprocess.Popen[bytes], timeout: float) -> bytes:
 
 
 def _tail(path: Path, lines: int = 5) -> str:
+    """What the server's log says last: the error line that ends a traceback if there is one
+    (``module.SomeError: message``, which names the failed read), else the last lines."""
     try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+        logged = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    for line in reversed(logged):
+        if _ERROR_LINE.match(line):
+            return line
+    return " | ".join(logged[-lines:])
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\w*: ")
 
 
 def _attach_loop(disk: str, read_only: bool) -> str:
