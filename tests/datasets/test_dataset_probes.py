@@ -144,6 +144,14 @@ def test_http_waits_for_200(server: http.server.ThreadingHTTPServer) -> None:
     assert "200" in result.evidence
 
 
+def test_http_probe_called_makes_one_attempt(server: http.server.ThreadingHTTPServer) -> None:
+    _Handler.ready_after = 0.0
+    port = server.server_address[1]
+    assert HttpProbe("/ok", port)(f"127.0.0.1:{port}") is True
+    assert HttpProbe("/missing", port)(("127.0.0.1", port)) is False
+    assert HttpProbe("/", 9)() is False  # nothing listens on the discard port
+
+
 def test_http_times_out_with_last_status(server: http.server.ThreadingHTTPServer) -> None:
     _Handler.ready_after = 0.0
     port = server.server_address[1]

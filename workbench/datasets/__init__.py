@@ -58,6 +58,7 @@ __all__ = [
     "Workload",
     "build",
     "default_cache_dir",
+    "names",
     "push",
     "recipes",
     "recipes_dir",
@@ -68,6 +69,10 @@ __all__ = [
 def recipes() -> list[str]:
     """The names of the recipes in ``datasets/``, sorted."""
     return sorted(path.stem for path in recipes_dir().glob("*.toml"))
+
+
+names = recipes
+"""The same as `recipes()` (the name other parts of the workbench look for)."""
 
 
 def build(

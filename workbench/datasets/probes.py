@@ -21,6 +21,8 @@ The kinds (`Probe.kind`), and what the caller passes to `wait`:
   polled every 10 ms as HelloBench does. Pass ``"host:port"``, ``(host, port)``, or None for
   127.0.0.1 and the probe's port; ``netns=`` names a network namespace file
   (``/proc/PID/ns/net``) to connect from, for a workload in its own network namespace.
+  Calling the probe (``probe()``, same arguments) makes one attempt and returns a bool, for
+  callers that poll on their own.
 - ``"exit"`` (`ExitProbe`): the process exits with the expected code and, optionally, its
   output contains a text (debian's ``echo hello``). Pass the `subprocess.Popen`.
 
@@ -322,6 +324,21 @@ class HttpProbe(Probe):
                 last = status_line or "empty answer"
             _check_alive(process, self, last)
             time.sleep(POLL_INTERVAL_S)
+
+    def __call__(
+        self,
+        target: str | tuple[str, int] | None = None,
+        *,
+        netns: str | os.PathLike[str] | None = None,
+    ) -> bool:
+        """One attempt, for callers that poll themselves: does GET answer `status` now?"""
+        host, port = _address(target, self.port)
+        try:
+            status_line = self._attempt(host, port, 1.0, netns)
+        except OSError:
+            return False
+        parts = status_line.split(" ", 2)
+        return len(parts) >= 2 and parts[1] == str(self.status)
 
     def _attempt(
         self, host: str, port: int, timeout: float, netns: str | os.PathLike[str] | None
