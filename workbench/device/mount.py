@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def mount_image(
     read_only: bool | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     trace: str | os.PathLike[str] | None = None,
+    mkfs: Sequence[str] | None = None,
+    mkfs_env: Mapping[str, str] | None = None,
+    options: str = "",
 ) -> Mount:
     """Mount the ext4 file system of image `image` at `mountpoint`.
 
@@ -139,7 +143,11 @@ def mount_image(
     none) and ext4 is mounted read-write; without it the image is read-only unless its
     config has an upper. `read_only` overrides the guess for a config with an upper. With
     `trace` the server records every event and writes them to that Parquet file when it
-    stops (`workbench.device.fuse.main`).
+    stops (`workbench.device.fuse.main`). With `mkfs` (arguments of ``mkfs.ext4`` before
+    the device, e.g. ``["-O", "^has_journal"]``) a new ext4 is made on the loop device first,
+    as OverlayBD does for the bottom writable layer (`mkfs_env` is added to its environment,
+    e.g. ``E2FSPROGS_FAKE_TIME``); `options` are extra mount options
+    (``-o``), e.g. ``"noatime,nodelalloc"``.
     Raises `MountError` (everything made so far is torn down again) if a step fails.
     """
     run = Path(run_dir) if run_dir is not None else default_run_dir()
@@ -174,7 +182,10 @@ def mount_image(
         mount.save()
         mount.loop = _attach_loop(mount.disk, read_only)
         mount.save()
-        _mount_ext4(mount.loop, mount.mountpoint, read_only)
+        if mkfs is not None:
+            env = {**os.environ, **(mkfs_env or {})}
+            _run(["mkfs.ext4", "-q", "-F", *mkfs, mount.loop], "make ext4", env)
+        _mount_ext4(mount.loop, mount.mountpoint, read_only, options)
         mount.complete = True
         mount.save()
     except BaseException:
@@ -276,13 +287,14 @@ def _attach_loop(disk: str, read_only: bool) -> str:
     return _run(command, "attach a loop device").strip()
 
 
-def _mount_ext4(loop: str, mountpoint: str, read_only: bool) -> None:
-    options = ["-o", "ro,noload"] if read_only else []
+def _mount_ext4(loop: str, mountpoint: str, read_only: bool, extra: str = "") -> None:
+    given = ",".join(part for part in ("ro,noload" if read_only else "", extra) if part)
+    options = ["-o", given] if given else []
     _run(["mount", "-t", "ext4", *options, loop, mountpoint], "mount ext4")
 
 
-def _run(command: list[str], what: str) -> str:
-    done = subprocess.run(command, capture_output=True, text=True)
+def _run(command: list[str], what: str, env: Mapping[str, str] | None = None) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise MountError(f"could not {what}: {' '.join(command)}: {done.stderr.strip()}")
     return done.stdout
