@@ -43,6 +43,7 @@ def _register() -> None:
     from workbench.cli.bench import bench
     from workbench.cli.blob import blob
     from workbench.cli.cache import cache
+    from workbench.cli.convert import convert, verify
     from workbench.cli.demo import demo
     from workbench.cli.device import commit, mount, umount
     from workbench.cli.image import export
@@ -56,7 +57,7 @@ def _register() -> None:
     images = (lsmt, zfile, inspect, export)
     devices = (mount, umount, commit)
     registries = (registry, blob, cache, shape)
-    for command in (*images, *devices, *registries, trace, bench, demo):
+    for command in (*images, *devices, *registries, convert, verify, trace, bench, demo):
         cli.add_command(command)
 
 

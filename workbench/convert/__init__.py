@@ -6,5 +6,13 @@ are the entry points; `oci` reads sources, `apply` applies a layer tar with OCI 
 """
 
 from workbench.convert.convert import ConversionReport, LayerReport, convert_image
+from workbench.convert.verify import Difference, VerifyReport, verify_image
 
-__all__ = ["ConversionReport", "LayerReport", "convert_image"]
+__all__ = [
+    "ConversionReport",
+    "Difference",
+    "LayerReport",
+    "VerifyReport",
+    "convert_image",
+    "verify_image",
+]
