@@ -15,6 +15,7 @@ as containerd applies them):
 - a missing parent directory is created (0755, root, time `FIXED_TIME`); an existing entry is
   replaced unless both are directories (then only the metadata changes);
 - regular files (all-zero 1 MiB chunks are left as holes, so sparse files stay sparse),
+  each pushed to writeback as soon as it is written (`_start_writeback`),
   directories, symlinks (targets stored as given), hard links (to the link target's inode,
   not following a symlink), character and block devices, FIFOs;
 - numeric owner, mode (setuid/setgid/sticky included, set after chown), xattrs from PAX
@@ -22,7 +23,10 @@ as containerd applies them):
   capabilities), atime and mtime with nanoseconds from PAX records; directory times are set
   last, after everything inside them;
 - a directory this layer changes (an entry added or removed) without naming it keeps the
-  times it had, so that a layer's result does not depend on when it was applied.
+  times it had, so that a layer's result does not depend on when it was applied;
+- what a whiteout or a replacement removes is moved into a trash folder at the root and
+  deleted once the layer is applied, so that no inode or block is freed (and handed out
+  again, depending on the clock) while the layer allocates.
 
 Layer blobs may be plain tar, gzip or zstd (detected by magic, checked against the media type
 by the caller, `open_layer`). The child hashes the uncompressed stream: the report carries its
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
 import dataclasses
 import errno
 import gzip
@@ -58,6 +63,7 @@ import subprocess
 import sys
 import tarfile
 import urllib.parse
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Final
@@ -92,6 +98,9 @@ _ZERO: Final = bytes(CHUNK)
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _WHITEOUT: Final = ".wh."
+TRASH_NAME: Final = ".wh..wh.workbench-trash"
+"""Where removed entries wait until the layer is applied; a whiteout name, so no layer can
+have it."""
 _OPAQUE: Final = ".wh..wh..opq"
 
 GZIP_TYPES: Final = frozenset(
@@ -260,16 +269,15 @@ def apply_layer(
     command = [sys.executable, "-m", __name__, os.fspath(blob), os.fspath(root), compression]
     if cpu is not None:
         command += ["--cpu", str(cpu)]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert child.stdout is not None and child.stderr is not None
     result: dict[str, Any] | None = None
-    for line in child.stdout:
-        message = json.loads(line)
-        if "progress" in message and progress is not None:
-            progress(message["progress"])
-        result = message if "progress" not in message else result
-    stderr = child.stderr.read().decode(errors="replace").strip()
-    child.wait()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
+        assert child.stdout is not None and child.stderr is not None
+        for line in child.stdout:
+            message = json.loads(line)
+            if "progress" in message and progress is not None:
+                progress(message["progress"])
+            result = message if "progress" not in message else result
+        stderr = child.stderr.read().decode(errors="replace").strip()
 
     if result is None or (child.returncode != 0 and "error" not in result):
         raise LayerError(
@@ -302,6 +310,9 @@ class _Applier:
     """Inode -> (links left, mtime ns) of what removals took away."""
     skipped_xattrs: set[str] = dataclasses.field(default_factory=set)
     entries: int = 0
+    trash: str | None = None
+    trash_ino: int = 0
+    trashed: int = 0
 
     def apply(self, tar: tarfile.TarFile) -> None:
         for member in tar:
@@ -392,6 +403,7 @@ class _Applier:
             if position != member.size:
                 raise LayerError(f"entry {member.name!r}: the archive ends inside its data")
             os.ftruncate(fd, position)
+            _start_writeback(fd)
         finally:
             os.close(fd)
 
@@ -418,7 +430,13 @@ class _Applier:
     def _make_parents(self, parent: str) -> None:
         if self._is_dir(parent):
             return
-        if _lstat(parent) is not None and not os.path.isdir(parent):
+        # A symlink on the way (dangling, or through one) is followed inside the root, and
+        # the directories it names are made, as containerd resolves paths in the root.
+        real = os.path.realpath(parent)
+        if real != parent:
+            self._make_parents(real)
+            return
+        if _lstat(parent) is not None:
             raise LayerError(f"{parent} is needed as a directory, but the image has a file there")
         grand = os.path.dirname(parent)
         self._make_parents(grand)
@@ -438,6 +456,8 @@ class _Applier:
 
     def _opaque(self, directory: str) -> None:
         for entry in _scandir(directory):
+            if entry.path == self.trash:
+                continue
             if entry.path not in self.written:
                 self._keep_times(directory)
                 self._remove(entry.path)
@@ -450,19 +470,46 @@ class _Applier:
     # Removal
 
     def _remove(self, path: str) -> None:
+        """Take `path` out of the tree: moved into the trash, deleted when the layer is done.
+
+        Deleting at once would free inodes and blocks in the middle of the layer, and whether
+        ext4 hands a freed inode out again depends on the clock (no-journal ext4 skips inodes
+        deleted within the last seconds, by their dtime), so inode numbers would vary.
+        """
         info = _lstat(path)
         if info is None:
             return
-        if stat.S_ISDIR(info.st_mode):
-            for entry in _scandir(path):
-                self._remove(entry.path)
-            self._note_removed(info)
-            os.rmdir(path)
-        else:
-            self._note_removed(info)
-            os.unlink(path)
+        self._note_tree(path, info)
+        if self.trash is None:
+            self._keep_times("/")
+            self.trash = "/" + TRASH_NAME
+            os.mkdir(self.trash, 0o700)
+            self.trash_ino = os.lstat(self.trash).st_ino
+        self.trashed += 1
+        os.rename(path, f"{self.trash}/{self.trashed}")
         self.written.discard(path)
         self.touched.discard(path)
+
+    def _note_tree(self, path: str, info: os.stat_result) -> None:
+        if stat.S_ISDIR(info.st_mode):
+            for entry in _scandir(path):
+                self._note_tree(entry.path, entry.stat(follow_symlinks=False))
+        self._note_removed(info)
+
+    def _empty_trash(self) -> None:
+        if self.trash is None:
+            return
+        for folder, directories, files in os.walk(self.trash, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(folder, name))
+            for name in directories:
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    os.unlink(path)
+                else:
+                    os.rmdir(path)
+        os.rmdir(self.trash)
+        self.removed[self.trash_ino] = (0, 0)
 
     def _note_removed(self, info: os.stat_result) -> None:
         links, mtime = self.removed.get(info.st_ino, (info.st_nlink, info.st_mtime_ns))
@@ -472,7 +519,8 @@ class _Applier:
     # The end
 
     def finish(self) -> tuple[dict[int, int], list[int]]:
-        """Set the directories' times; (changed inode -> mtime ns, freed inodes)."""
+        """Empty the trash, set the directories' times; (changed inode -> mtime ns, freed)."""
+        self._empty_trash()
         for path, times in self.dir_times.items():
             os.utime(path, ns=times, follow_symlinks=False)
         for path, (ino, atime, mtime) in self.kept_times.items():
@@ -490,6 +538,22 @@ class _Applier:
                 changed[ino] = mtime
         freed = sorted(ino for ino, (links, _) in self.removed.items() if links <= 0)
         return changed, [ino for ino in freed if ino not in changed]
+
+
+_SYNC_FILE_RANGE_WRITE: Final = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages out now, from this process (no wait, no flush).
+
+    ext4 allocates delayed blocks when pages are written out: done here, that happens in
+    file order on this process's CPU, not whenever (and wherever) the flusher threads run.
+    """
+    if _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"sync_file_range: {os.strerror(number)}")
 
 
 def _lstat(path: str) -> os.stat_result | None:
@@ -552,6 +616,7 @@ def _child(blob: str, root: str, compression: str, cpu: int | None) -> dict[str,
     def progress(count: int) -> None:
         print(json.dumps({"progress": count}), flush=True)
 
+    errors = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, *_zstd_errors())
     stream = _HashingReader(open_layer(blob, compression), progress)
     buffered = io.BufferedReader(stream, CHUNK)
     if cpu is not None:
@@ -566,7 +631,7 @@ def _child(blob: str, root: str, compression: str, cpu: int | None) -> dict[str,
             applier.apply(tar)
             end = tar.offset
         _check_tail(stream, buffered, end)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except errors as exc:
         if isinstance(exc, LayerError):
             raise
         raise LayerError(
@@ -583,6 +648,12 @@ def _child(blob: str, root: str, compression: str, cpu: int | None) -> dict[str,
         "freed": freed,
         "skipped_xattrs": sorted(applier.skipped_xattrs),
     }
+
+
+def _zstd_errors() -> tuple[type[Exception], ...]:
+    import zstandard
+
+    return (zstandard.ZstdError,)
 
 
 def _check_tail(stream: _HashingReader, buffered: IO[bytes], end: int) -> None:
@@ -616,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         report = _child(args.blob, args.root, args.compression, args.cpu)
     except LayerError as exc:
         print(json.dumps({"error": str(exc)}), flush=True)
+        return 1
+    except Exception as exc:  # the parent gets one line, not a traceback
+        print(json.dumps({"error": f"the applier failed: {type(exc).__name__}: {exc}"}))
         return 1
     print(json.dumps(report), flush=True)
     return 0

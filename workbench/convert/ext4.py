@@ -9,15 +9,20 @@ and ``E2FSPROGS_FAKE_TIME``/``E2FSCK_TIME`` (`mkfs_environment`) for every time 
 writes.
 
 `MOUNT_OPTIONS` are those of the mount a layer is applied on: ``noatime`` (reads do not
-stamp atimes), ``nodelalloc`` (blocks are allocated at write time, in the applier's order
-and on its CPU, not by writeback threads), ``noinit_itable`` (no background zeroing of inode
-tables, whose progress would depend on timing).
+stamp atimes), ``noinit_itable`` (no background zeroing of inode tables, whose progress
+would depend on timing), ``no_prefetch_block_bitmaps`` (mballoc skips groups whose bitmaps
+an asynchronous prefetch has not loaded yet, so what it picks would depend on I/O timing) and
+``mb_optimize_scan=0`` (groups are scanned in order). Delayed allocation stays on: without
+it ext4 offsets each file's goal block by the writer's pid modulo 16
+(``ext4_inode_to_goal_block``); with it the applier starts each file's writeback itself, so
+blocks are allocated in its order on its CPU.
 
 `normalize(device, report)` runs one ``debugfs -w -f SCRIPT`` on the unmounted device that:
 - sets ctime and crtime of every inode the layer changed to its mtime (nanoseconds
   included), its generation to 0 (the kernel draws a random one per new inode) and its
   i_version change counter to 0 (it counts changes only while someone queries it);
-- sets dtime, ctime and mtime of every inode the layer freed to `FIXED_TIME`;
+- sets every time of every inode the layer freed to `FIXED_TIME` and its generation and
+  version to 0 (the layer's trash folder is born and freed in the same layer);
 - sets the superblock's mount and write times, last check to `FIXED_TIME`, the mount count
   and lifetime kilobytes written to 0 and the last mount point to "" (the kernel records
   all of them).
@@ -56,10 +61,11 @@ log = logging.getLogger(__name__)
 MKFS_OPTIONS: Final = ("-O", "^has_journal,sparse_super,flex_bg", "-G", "1")
 """OverlayBD's ext4 options for the bottom layer (``-E discard`` is added with the seeds)."""
 
-IN_USE_RETRIES: Final = 50
-"""Attempts (0.1 s apart) while e2fsck finds the device still held after the unmount."""
+IN_USE_RETRIES: Final = 300
+"""Attempts (0.1 s apart, 30 s in all) while e2fsck finds the device still held after the
+unmount."""
 
-MOUNT_OPTIONS: Final = "noatime,nodelalloc,noinit_itable"
+MOUNT_OPTIONS: Final = "noatime,noinit_itable,no_prefetch_block_bitmaps,mb_optimize_scan=0"
 """Mount options while a layer is applied (see the module docstring)."""
 
 
@@ -98,8 +104,9 @@ def normalize_script(report: ApplyReport) -> str:
     fixed = FIXED_TIME * 10**9
     for ino in report.freed:
         commands.append(f"sif <{ino}> dtime @{FIXED_TIME}")
-        commands += _time_commands(ino, "ctime", fixed)
-        commands += _time_commands(ino, "mtime", fixed)
+        for field in ("atime", "ctime", "mtime", "crtime"):
+            commands += _time_commands(ino, field, fixed)
+        commands += [f"sif <{ino}> generation 0", f"sif <{ino}> version 0"]
     for field in ("mtime", "wtime", "lastcheck"):
         commands.append(f"ssv {field} @{FIXED_TIME}")
     commands += ["ssv mnt_count 0", "ssv kbytes_written 0", 'ssv last_mounted ""']
