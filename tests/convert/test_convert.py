@@ -382,3 +382,11 @@ def test_layer_larger_than_the_disk(run_dir: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(LayerError, match=r"disk is full.*--vsize"):
         convert(source, f"oci:{tmp_path / 'dst'}", tmp_path, run_dir, vsize=16 << 20)
+
+
+@pytest.mark.slow
+def test_bench_convert_prints_the_ratio(run_dir: Path) -> None:
+    result = CliRunner().invoke(cli, ["bench", "convert", "--layers", "1", "--layer-mb", "2"])
+    assert result.exit_code == 0, result.output
+    assert "tar -xzf onto ext4" in result.output
+    assert "ratio convert / tar -x: " in result.output

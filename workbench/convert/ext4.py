@@ -42,6 +42,7 @@ Caveats:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -115,6 +116,7 @@ def normalize_script(report: ApplyReport) -> str:
 
 def normalize(device: str, report: ApplyReport) -> None:
     """Run `normalize_script(report)` on the unmounted ext4 on `device` (debugfs -w)."""
+    _wait_released(device)
     with tempfile.NamedTemporaryFile("w", suffix=".debugfs", delete=False) as script:
         script.write(normalize_script(report))
     try:
@@ -143,6 +145,29 @@ def normalize(device: str, report: ApplyReport) -> None:
     )
 
 
+def _wait_released(device: str) -> None:
+    """Wait until no file system holds `device` (an exclusive open succeeds).
+
+    `umount` can return while the kernel still has the ext4 superblock (its last write, the
+    free counts and times, still to come); debugfs must not run before it is gone, or the
+    kernel's write lands over the normalised fields.
+    """
+    for _ in range(IN_USE_RETRIES):
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_EXCL)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            time.sleep(0.1)
+            continue
+        os.close(fd)
+        return
+    raise WorkbenchError(
+        f"{device} is still held {IN_USE_RETRIES / 10:.0f} s after its ext4 was unmounted "
+        "(a copy of the mount in another mount namespace?); the layer cannot be normalised"
+    )
+
+
 def _check_and_fix(device: str) -> None:
     """``e2fsck -fy``: rewrite the checksums a new generation invalidates, check the rest."""
     env = {**os.environ, **mkfs_environment()}
@@ -160,7 +185,7 @@ def _check_and_fix(device: str) -> None:
     fixes = [
         block.strip().replace("\n", " ")
         for block in done.stdout.split("Fix? yes")[:-1]
-        if "checksum" not in block.rsplit("\n\n", 1)[-1]
+        if "checksum" not in block.rsplit("\n\n", 1)[-1] and "in the future" not in block
     ]
     for fix in fixes:
         log.warning("e2fsck fixed more than a checksum on %s: %s", device, fix[-300:])
