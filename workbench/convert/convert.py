@@ -66,6 +66,7 @@ from workbench.errors import LayerError
 from workbench.formats.lsmt import HT_SPACE
 from workbench.image.layer import ENTRY_SIZE
 from workbench.registry.client import OCI_MANIFEST
+from workbench.registry.image import _file_digest, _session
 from workbench.registry.session import RegistrySession
 
 __all__ = ["DEFAULT_VSIZE", "ConversionReport", "LayerReport", "convert_image"]
@@ -302,6 +303,7 @@ def _convert_layer(
     layer_uuid = _layer_uuid(diff_ids[: position + 1])
     parent_uuid = _layer_uuid(diff_ids[:position]) if position else None
     folder = work / f"writable-{position}"
+    shutil.rmtree(folder, ignore_errors=True)  # left by an earlier run that failed
     folder.mkdir()
     WritableLayer.create(
         folder / "data", folder / "index", vsize, parent_uuid=parent_uuid, uuid=layer_uuid
@@ -331,7 +333,12 @@ def _convert_layer(
     )
     try:
         applied = apply_layer(
-            blob, mountpoint, compression=compression, cpu=_pinned_cpu(), where=where
+            blob,
+            mountpoint,
+            compression=compression,
+            cpu=_pinned_cpu(),
+            where=where,
+            progress=_apply_progress(bar, f"layer {position + 1}/{len(image.layers)}"),
         )
         _unmount_ext4(mountpoint)
         normalize(mount.loop, applied)
@@ -408,6 +415,13 @@ def _convert_layer(
     return report, out
 
 
+def _apply_progress(bar: Any, label: str) -> Any:
+    """A callback showing the tar bytes applied so far on `bar` (None without a bar)."""
+    if bar is None:
+        return None
+    return lambda count: bar.set_postfix_str(f"{label}: apply, {count / 1e6:.0f} MB of tar")
+
+
 def _layer_uuid(diff_ids: list[str]) -> str:
     """The LSMT uuid of the layer whose chain (bottom first) is `diff_ids`."""
     digest = hashlib.sha256("\n".join(["workbench-convert", *diff_ids]).encode()).digest()
@@ -423,16 +437,6 @@ def _unmount_ext4(mountpoint: Path) -> None:
     done = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
     if done.returncode != 0:
         raise LayerError(f"could not unmount the ext4 at {mountpoint}: {done.stderr.strip()}")
-
-
-def _file_digest(path: Path) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    size = 0
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            hasher.update(chunk)
-            size += len(chunk)
-    return "sha256:" + hasher.hexdigest(), size
 
 
 def _zfile_size(tar_path: Path, tar_size: int) -> int:
@@ -485,22 +489,16 @@ def _write_destination(
 
 
 @contextlib.contextmanager
-def _session(session: RegistrySession | None) -> Iterator[RegistrySession]:
-    if session is not None:
-        yield session.start()
-        return
-    with RegistrySession(use_cache=False) as private:
-        yield private
-
-
-@contextlib.contextmanager
-def _workdir(workdir: str | os.PathLike[str] | None) -> Iterator[Path]:
+def _workdir(
+    workdir: str | os.PathLike[str] | None, prefix: str = "workbench-convert-"
+) -> Iterator[Path]:
+    """`workdir` (made if missing, left in place), or a temporary folder removed afterwards."""
     if workdir is not None:
         path = Path(workdir)
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return
-    path = Path(tempfile.mkdtemp(prefix="workbench-convert-", dir=_scratch_root()))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=_scratch_root()))
     try:
         yield path
     finally:

@@ -22,15 +22,11 @@ Caveats:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
-import shutil
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +76,11 @@ def verify_image(
     platform: str = "linux/amd64",
 ) -> VerifyReport:
     """Compare the converted image `converted` with its source `source` (module docstring)."""
-    from workbench.convert.convert import _scratch_root, _session
+    from workbench.convert.convert import _workdir
     from workbench.device.mount import mount_image, unmount
+    from workbench.registry.image import _session
 
-    with _session(session) as active, _work(workdir, _scratch_root()) as work:
+    with _session(session) as active, _workdir(workdir, "workbench-verify-") as work:
         expected_root = work / "source-rootfs"
         _extract(source, expected_root, work, active, platform)
         expected = walk_tree(expected_root)
@@ -231,17 +228,3 @@ def compare_trees(
             if want.get(key) != got.get(key):
                 differences.append(Difference(path or "/", key, want.get(key), got.get(key)))
     return differences
-
-
-@contextlib.contextmanager
-def _work(workdir: str | os.PathLike[str] | None, scratch: str) -> Iterator[Path]:
-    if workdir is not None:
-        path = Path(workdir)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    path = Path(tempfile.mkdtemp(prefix="workbench-verify-", dir=scratch))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
