@@ -32,7 +32,7 @@ from images import (
     standard_image,
     write_layout,
 )
-from registries import push_blob, start_registry
+from registries import DOCKER_MEDIA_TYPES, push_blob, push_image, start_registry
 
 if importlib.util.find_spec("pyfuse3") is None:
     if os.environ.get("CI"):
@@ -390,3 +390,22 @@ def test_bench_convert_prints_the_ratio(run_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "tar -xzf onto ext4" in result.output
     assert "ratio convert / tar -x: " in result.output
+
+
+def test_docker_schema2_image(registry: str, run_dir: Path, tmp_path: Path) -> None:
+    tar = layer_tar(base_layer())
+    config = make_image([tar], [True]).config
+    push_image(
+        registry,
+        "lib/docker",
+        "v1",
+        [gzip.compress(tar, mtime=0)],
+        config,
+        media_types=DOCKER_MEDIA_TYPES,
+    )
+    source = f"{registry.removeprefix('http://')}/lib/docker:v1"
+    report = convert(source, f"oci:{tmp_path / 'dst'}:v1", tmp_path, run_dir)
+    assert report.layers[0].media_type == DOCKER_MEDIA_TYPES[2]
+    assert report.layers[0].diff_id == digest(tar)
+    result = verify_image(source, f"oci:{tmp_path / 'dst'}:v1", run_dir=run_dir)
+    assert result.ok, [str(d) for d in result.differences]

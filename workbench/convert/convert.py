@@ -38,6 +38,13 @@ Caveats:
 - layers are converted one after the other; there is no parallelism across layers (each
   needs the ones below it) and none within a layer (it would break reproducibility);
 - reproducibility across machines needs the same kernel ext4 allocator and mke2fs.conf;
+- what is not pinned down: the kernel's flusher may write a file's pages out before the
+  applier starts their writeback (only under dirty-memory pressure: past
+  ``dirty_background_ratio``, or a file dirty for 30 s), and then ext4 allocates its blocks
+  on another CPU's locality group; tests convert twice and compare, and it has not been seen
+  on these machines;
+- a copy of a mount in another mount namespace would keep the device held after umount; the
+  conversion then stops after 30 s with an error rather than normalise a live file system;
 - needs root, /dev/fuse, losetup, mkfs.ext4 and debugfs.
 """
 
