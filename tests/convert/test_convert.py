@@ -41,7 +41,6 @@ if importlib.util.find_spec("pyfuse3") is None:
 
 from workbench.cli import cli
 from workbench.convert import convert_image, verify_image
-from workbench.convert.verify import walk_tree
 from workbench.device.mount import list_mounts, mount_image, unmount, unmount_all
 from workbench.errors import DigestMismatchError, LayerError, UnsupportedFormatError
 from workbench.registry.client import OCI_MANIFEST
@@ -371,7 +370,6 @@ def test_huge_sparse_file_and_zstd_layer(run_dir: Path, tmp_path: Path) -> None:
             file.seek(at - 4096)
             assert file.read(4096) == bytes(4096)
         assert huge.stat().st_blocks * 512 <= 1 << 20  # one 1 MiB chunk holds the data
-        assert walk_tree(mountpoint)["var/lib/huge.img"]["size"] == size
     finally:
         unmount(mountpoint, run_dir)
 

@@ -394,15 +394,16 @@ class _Applier:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, 0o600)
         try:
-            position = 0
-            while chunk := source.read(CHUNK):
-                # An all-zero chunk is skipped: a hole reads the same and costs no blocks.
-                if chunk != _ZERO[: len(chunk)]:
-                    os.pwrite(fd, chunk, position)
-                position += len(chunk)
-            if position != member.size:
-                raise LayerError(f"entry {member.name!r}: the archive ends inside its data")
-            os.ftruncate(fd, position)
+            raw = getattr(source, "raw", None)
+            if member.sparse and raw is not None:
+                # A sparse member: copy its data regions only, the holes stay holes (reading
+                # them through tarfile would produce every zero byte of them).
+                for offset, length in member.sparse:
+                    raw.seek(offset)
+                    _copy(raw, fd, offset, length, member)
+            else:
+                _copy(source, fd, 0, member.size, member)
+            os.ftruncate(fd, member.size)
             _start_writeback(fd)
         finally:
             os.close(fd)
@@ -538,6 +539,19 @@ class _Applier:
                 changed[ino] = mtime
         freed = sorted(ino for ino, (links, _) in self.removed.items() if links <= 0)
         return changed, [ino for ino in freed if ino not in changed]
+
+
+def _copy(source: IO[bytes], fd: int, position: int, length: int, member: tarfile.TarInfo) -> None:
+    """Copy `length` bytes from `source` to `fd` at `position`; all-zero chunks are skipped
+    (a hole reads the same and costs no blocks)."""
+    end = position + length
+    while position < end:
+        chunk = source.read(min(CHUNK, end - position))
+        if not chunk:
+            raise LayerError(f"entry {member.name!r}: the archive ends inside its data")
+        if chunk != _ZERO[: len(chunk)]:
+            os.pwrite(fd, chunk, position)
+        position += len(chunk)
 
 
 _SYNC_FILE_RANGE_WRITE: Final = 2
