@@ -407,3 +407,59 @@ def test_docker_schema2_image(registry: str, run_dir: Path, tmp_path: Path) -> N
     assert report.layers[0].diff_id == digest(tar)
     result = verify_image(source, f"oci:{tmp_path / 'dst'}:v1", run_dir=run_dir)
     assert result.ok, [str(d) for d in result.differences]
+
+
+def test_umoci_built_image_matches_umoci_unpack(run_dir: Path, tmp_path: Path) -> None:
+    """An image built by umoci (its own whiteouts), converted, equals umoci's own unpack."""
+    if shutil.which("umoci") is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("umoci is not installed; CI must test against it")
+        pytest.skip("umoci is not installed (apt-get install umoci)")
+
+    def umoci(*args: str) -> None:
+        subprocess.run(["umoci", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    umoci("init", "--layout", "img")
+    umoci("new", "--image", "img:base")
+    umoci("unpack", "--image", "img:base", "bundle")
+    rootfs = tmp_path / "bundle" / "rootfs"
+    (rootfs / "etc/app").mkdir(parents=True)
+    (rootfs / "etc/app/a").write_text("a")
+    (rootfs / "etc/gone").write_text("gone")
+    (rootfs / "etc/link").symlink_to("/etc/app/a")
+    os.link(rootfs / "etc/app/a", rootfs / "etc/hard")
+    os.mkfifo(rootfs / "fifo")
+    os.setxattr(rootfs / "etc/app/a", "user.note", b"umoci")
+    umoci("repack", "--image", "img:v1", "bundle")
+    umoci("unpack", "--image", "img:v1", "bundle2")
+    rootfs = tmp_path / "bundle2" / "rootfs"
+    (rootfs / "etc/gone").unlink()
+    shutil.rmtree(rootfs / "etc/app")
+    (rootfs / "etc/app").mkdir()
+    (rootfs / "etc/app/b").write_text("b")
+    umoci("repack", "--image", "img:v2", "bundle2")
+    umoci("unpack", "--image", "img:v2", "expected")
+
+    source = f"oci:{tmp_path / 'img'}:v2"
+    report = convert(source, f"oci:{tmp_path / 'dst'}:v2", tmp_path, run_dir)
+    assert len(report.layers) == 2
+
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    from workbench.convert.verify import _converted_config, compare_trees, walk_tree
+    from workbench.registry.session import RegistrySession
+
+    with RegistrySession(use_cache=False) as session:
+        config = _converted_config(f"oci:{tmp_path / 'dst'}:v2", tmp_path, session, "linux/amd64")
+    mount_image(config, mountpoint, run_dir=run_dir)
+    try:
+        actual = walk_tree(mountpoint)
+    finally:
+        unmount(mountpoint, run_dir)
+    expected = walk_tree(tmp_path / "expected" / "rootfs")
+    actual.pop("lost+found", None)
+    for tree in (expected, actual):
+        tree.pop("")  # the root: umoci's bundle folder vs the file system's root
+    differences = [str(d) for d in compare_trees(expected, actual)]
+    assert not differences
+    assert "etc/gone" not in actual and "etc/app/a" not in actual and "etc/app/b" in actual
