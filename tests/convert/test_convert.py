@@ -145,7 +145,7 @@ def test_converted_image_has_every_entry_with_oci_semantics(
     # Mount it lazily from the registry and look.
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    mount_image(target, mountpoint, run_dir=run_dir)
+    mount_image(target, mountpoint, run_dir=run_dir, cache_dir=tmp_path / "cache")
     try:
         root = mountpoint
         assert (root / "etc/passwd").read_bytes().endswith(b"user:x:1000:1000::/home/user:\n")

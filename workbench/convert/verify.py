@@ -89,7 +89,8 @@ def verify_image(
         mountpoint.mkdir()
         run = Path(run_dir) if run_dir is not None else work / "run"
         image = _converted_config(converted, work, active, platform)
-        mount_image(image, mountpoint, run_dir=run)
+        # A cache folder of its own: the default one may be in use by another process.
+        mount_image(image, mountpoint, run_dir=run, cache_dir=work / "cache")
         try:
             actual = walk_tree(mountpoint)
         finally:
