@@ -16,7 +16,8 @@ cd "$top"
 # util-linux's losetup attaches it as a loop device; fio drives `workbench bench device`;
 # golang-github-containerd-containerd-dev ships containerd's .proto files, which the
 # snapshotter compiles with grpcio-tools on first use; busybox-static is the one binary inside
-# the snapshotter tests' container images.
+# the snapshotter tests' container images and the shell of the experiments' stand-in images
+# (workbench.experiments.standin).
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
     tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux fio
     golang-github-containerd-containerd-dev busybox-static)
