@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from workbench.errors import ExperimentError
+from workbench.errors import ExperimentError, WorkbenchError
 from workbench.experiments.definition import DiskPreset
 
 __all__ = [
@@ -74,7 +74,12 @@ class Workload:
     """What to run in the container and how to tell it is ready.
 
     `ready_means`: ``exit`` (it exits with status 0), ``line:TEXT`` (a line of its standard
-    output contains TEXT), or ``probe`` (`probe()` returns true; polled every 10 ms).
+    output contains TEXT), or ``probe`` (`probe()` returns true; polled every 10 ms). When
+    `ready` is set it decides instead (`ready_means` is then a sentence for the results):
+    ``ready(process, deadline)`` returns the evidence once the workload is ready, with the
+    process's stdout and stderr merged into ``process.stdout``, and raises if it cannot be.
+    `workdir` is where the command starts; `private_net` gives it a network namespace of its
+    own with only ``lo`` up (``/proc/PID/ns/net`` of the launcher's process).
     """
 
     name: str
@@ -83,6 +88,9 @@ class Workload:
     ready_means: str = "exit"
     probe: Callable[[], bool] | None = None
     standin: bool = False
+    workdir: str = "/"
+    ready: Callable[[subprocess.Popen[bytes], float], str] | None = None
+    private_net: bool = False
 
 
 @dataclass
@@ -318,12 +326,17 @@ def launch(root: Path, workload: Workload, setup: TrialSetup) -> float:
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     variables = [f"{name}={value}" for name, value in workload.env.items()]
     inner = 'mount --rbind /dev "$0/dev" && exec "$@"'
+    if workload.private_net:
+        inner = f"ip link set lo up && {inner}"
+    program = list(workload.command)
+    if workload.workdir not in ("", "/"):
+        program = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', workload.workdir, *program]
+    namespaces = ["--mount", "--uts", "--ipc", "--pid"]
+    if workload.private_net:
+        namespaces.append("--net")
     command = [
         "unshare",
-        "--mount",
-        "--uts",
-        "--ipc",
-        "--pid",
+        *namespaces,
         "--fork",
         "--kill-child",
         f"--mount-proc={root}/proc",
@@ -336,7 +349,7 @@ def launch(root: Path, workload: Workload, setup: TrialSetup) -> float:
         *variables,
         chroot,
         str(root),
-        *workload.command,
+        *program,
     ]
     throttle = setup.throttle
     start = time.perf_counter()
@@ -344,7 +357,7 @@ def launch(root: Path, workload: Workload, setup: TrialSetup) -> float:
         command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT if workload.ready is not None else subprocess.PIPE,
         preexec_fn=throttle.enter if throttle else None,
         start_new_session=True,
     )
@@ -358,6 +371,13 @@ def launch(root: Path, workload: Workload, setup: TrialSetup) -> float:
 def _wait_ready(process: subprocess.Popen[bytes], workload: Workload, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     means = workload.ready_means
+    if workload.ready is not None:
+        try:
+            evidence = workload.ready(process, deadline)
+        except WorkbenchError as exc:
+            raise _not_ready(workload, str(exc)) from None
+        log.debug("workload %s ready: %s", workload.name, evidence)
+        return
     if means == "exit":
         try:
             _out, err = process.communicate(timeout=timeout_s)

@@ -7,29 +7,41 @@ each form, for the image-size study.
 
 - A name `workbench.datasets` knows: ``datasets.push(name, oci_ref)`` uploads the OCI image,
   ``workbench.convert.convert_image(oci_ref, lazy_ref)`` makes and pushes the OverlayBD image,
-  ``datasets.workload(name)`` gives command, env, probe and ``ready_means``.
+  ``datasets.workload(name)`` gives command, env, workdir, probe and ``ready_means``;
+  `dataset_workload` maps the probe's kind onto the launcher (see there).
 - A ``standin-*`` name: `workbench.experiments.standin` builds it from this machine's files.
 
 Caveats:
-- the datasets and convert modules are built in parallel with this one; until they are on
-  main only stand-ins are available, and a name that is not a stand-in is refused with the
-  list of what is;
-- sizes of a datasets image are those of the blobs in the registry (tar sizes unknown: NaN).
+- a datasets image is converted afresh in every run (no cache of converted images), which
+  takes tens of seconds for the Debian-based ones;
+- sizes of a datasets image: tar and LSMT from the conversion report, tar.gz and ZFile from
+  the blobs in the registry;
+- the ``http`` workloads run in their own network namespace; the others share the host's.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from workbench.errors import ExperimentError, WorkbenchError
+from workbench.datasets.chroot import _Tail as OutputTail  # the datasets launcher's sink
+from workbench.datasets.probes import drain
+from workbench.errors import ExperimentError, ProbeError, WorkbenchError
 from workbench.experiments import standin
 from workbench.experiments.systems import Workload
 
-__all__ = ["PreparedImage", "available_workloads", "prefetch_available", "prepare"]
+__all__ = [
+    "PreparedImage",
+    "available_workloads",
+    "dataset_workload",
+    "prefetch_available",
+    "prepare",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +122,61 @@ def _prepare_dataset(datasets: Any, name: str, registry: str) -> PreparedImage:
     oci_ref = f"{registry}/datasets/{name}:oci"
     lazy_ref = f"{registry}/datasets/{name}:overlaybd"
     try:
-        datasets.push(name, oci_ref)
-        convert.convert_image(oci_ref, lazy_ref)
         spec = datasets.workload(name)
+        datasets.push(name, oci_ref)
+        log.info("converting %s to OverlayBD (%s)", name, lazy_ref)
+        report = convert.convert_image(oci_ref, lazy_ref, sizes=False)
     except WorkbenchError:
         raise
     except Exception as exc:  # another module's failure, named with the workload
         raise ExperimentError(f"preparing workload {name!r} failed: {exc}") from exc
 
-    probe = getattr(spec, "probe", None)
-    workload = Workload(
-        name=name,
+    sizes = _registry_sizes(oci_ref, lazy_ref)
+    sizes["tar"] = float(report.tar_bytes)
+    sizes["lsmt"] = float(sum(layer.lsmt for layer in report.layers))
+    return PreparedImage(dataset_workload(spec), oci_ref, lazy_ref, sizes, "datasets")
+
+
+def dataset_workload(spec: Any) -> Workload:
+    """The runner's `Workload` for a `workbench.datasets.Workload` (`spec`).
+
+    The probe decides readiness through `Workload.ready`, by its kind: ``exit`` waits for the
+    process (its code, and its output when the probe names one); ``log`` and ``output`` read
+    the merged stdout and stderr for the line; ``http`` polls ``GET path`` every 10 ms from
+    inside the workload's own network namespace (`private_net`, so fixed ports such as 80
+    never meet another start's), the output drained meanwhile. `ready_means` is the recipe's
+    sentence, which the results carry.
+    """
+    probe = spec.probe
+    if probe.kind not in ("exit", "log", "output", "http"):
+        raise ExperimentError(
+            f"workload {spec.name}: probe kind {probe.kind!r} is not one the runner can wait "
+            "for (exit, log, output, http); give the recipe one of those"
+        )
+    return Workload(
+        name=spec.name,
         command=tuple(spec.command),
-        env=dict(getattr(spec, "env", None) or {"PATH": "/usr/bin:/bin"}),
-        ready_means=str(getattr(spec, "ready_means", "exit")),
-        probe=probe if callable(probe) else None,
+        env=dict(spec.env) or {"PATH": "/usr/bin:/bin"},
+        ready_means=str(spec.ready_means),
+        workdir=spec.workdir or "/",
+        ready=functools.partial(_wait_probe, probe),
+        private_net=probe.kind == "http",
     )
-    return PreparedImage(
-        workload, oci_ref, lazy_ref, _registry_sizes(oci_ref, lazy_ref), "datasets"
-    )
+
+
+def _wait_probe(probe: Any, process: subprocess.Popen[bytes], deadline: float) -> str:
+    """Wait with a datasets probe on a process started by `systems.launch`; -> evidence."""
+    if probe.kind == "exit":
+        return probe.wait(process, deadline).evidence
+    if probe.kind in ("log", "output"):
+        return probe.wait(process.stdout, deadline, process=process).evidence
+    tail = OutputTail()
+    drain(process.stdout, tail)
+    try:
+        netns = f"/proc/{process.pid}/ns/net"
+        return probe.wait(None, deadline, netns=netns, process=process).evidence
+    except ProbeError as exc:
+        raise type(exc)(f"{exc}; its last output: {tail.text()}") from None
 
 
 def _registry_sizes(oci_ref: str, lazy_ref: str) -> dict[str, float]:
