@@ -23,6 +23,7 @@ __all__ = [
     "FormatError",
     "ImageConfigError",
     "ImageReferenceError",
+    "LayerError",
     "LayerStackError",
     "ManifestError",
     "ManifestNotFoundError",
@@ -69,6 +70,14 @@ class UnsupportedFormatError(FormatError):
 
 class AlignmentError(WorkbenchError, ValueError):
     """Raised when an LSMT read, write or trim is not aligned to 512-byte sectors."""
+
+
+class LayerError(FormatError):
+    """Raised when an image layer cannot be applied: a corrupt or truncated archive, an entry
+    whose path escapes the root, a diff_id that does not match, a layer larger than the disk.
+
+    The message names the layer (digest), the entry where there is one, and what to do.
+    """
 
 
 class LayerStackError(WorkbenchError, ValueError):

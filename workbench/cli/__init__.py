@@ -43,6 +43,7 @@ def _register() -> None:
     from workbench.cli.bench import bench
     from workbench.cli.blob import blob
     from workbench.cli.cache import cache
+    from workbench.cli.convert import convert, verify
     from workbench.cli.dataset import dataset
     from workbench.cli.debugfs import debugfs
     from workbench.cli.demo import demo
@@ -62,7 +63,7 @@ def _register() -> None:
     devices = (mount, umount, commit)
     registries = (registry, blob, cache, shape)
     containers = (snapshotter, rpull)
-    tools = (dataset, trace, bench, demo, debugfs, prefetch, experiment)
+    tools = (convert, verify, dataset, trace, bench, demo, debugfs, prefetch, experiment)
     for command in (*images, *devices, *registries, *containers, *tools):
         cli.add_command(command)
 

@@ -241,3 +241,30 @@ def prefetch(
     if json_path:
         with open(json_path, "w") as out:
             json.dump([table.to_dict() for table in tables], out, indent=2)
+
+
+@bench.command("convert")
+@click.option("--quick", is_flag=True, help="A smoke run (2 layers of 12 MB).")
+@click.option("--layers", type=int, default=None, help="Number of layers (3; 2 quick).")
+@click.option("--layer-mb", type=int, default=None, help="MB of tar per layer (100; 12 quick).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def convert_bench(
+    quick: bool, layers: int | None, layer_mb: int | None, json_path: str | None
+) -> None:
+    """Conversion throughput (MB of layer tar per second) vs tar -xzf onto ext4, same run.
+
+    Cuts gzip layers from /usr, converts them (OCI layout to OCI layout, ZFile lz4) and
+    unpacks the same layers with tar onto an ext4 on a loop device; prints both rates and
+    their ratio. Needs root.
+    """
+    from workbench.bench.convert import ConvertBenchmark, run
+
+    settings = ConvertBenchmark.quick() if quick else ConvertBenchmark()
+    if layers is not None:
+        settings.layers = layers
+    if layer_mb is not None:
+        settings.layer_mb = layer_mb
+    figures = run(settings, out=sys.stdout)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(figures, out, indent=2)

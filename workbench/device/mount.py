@@ -45,6 +45,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,6 +152,9 @@ def mount_image(
     metrics: str | None = None,
     hang_threshold: float | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    mkfs: Sequence[str] | None = None,
+    mkfs_env: Mapping[str, str] | None = None,
+    options: str = "",
 ) -> Mount:
     """Mount the ext4 file system of image `image` at `mountpoint`.
 
@@ -170,6 +174,11 @@ def mount_image(
     `metrics` serves Prometheus metrics on ``[HOST:]PORT`` (port 0: any free one, see
     ``Mount.metrics_port``); `hang_threshold` is the age in seconds at which a request in
     flight counts as hung (default 30).
+    With `mkfs` (arguments of ``mkfs.ext4`` before
+    the device, e.g. ``["-O", "^has_journal"]``) a new ext4 is made on the loop device first,
+    as OverlayBD does for the bottom writable layer (`mkfs_env` is added to its environment,
+    e.g. ``E2FSPROGS_FAKE_TIME``); `options` are extra mount options
+    (``-o``), e.g. ``"noatime"``.
     Raises `MountError` (everything made so far is torn down again) if a step fails; when
     ext4 cannot be mounted, the message ends with the server's last log lines, which name
     the read that failed (blob, range, HTTP status or checksum).
@@ -211,8 +220,11 @@ def mount_image(
         mount.save()
         mount.loop = _attach_loop(mount.disk, read_only)
         mount.save()
+        if mkfs is not None:
+            env = {**os.environ, **(mkfs_env or {})}
+            _run(["mkfs.ext4", "-q", "-F", *mkfs, mount.loop], "make ext4", env)
         try:
-            _mount_ext4(mount.loop, mount.mountpoint, read_only)
+            _mount_ext4(mount.loop, mount.mountpoint, read_only, options)
         except MountError as exc:
             log_path = Path(mount.run_dir) / "mounts" / f"{mount.id}.log"
             raise MountError(f"{exc}; the FUSE server's log: {_tail(log_path)}") from exc
@@ -369,13 +381,14 @@ def _attach_loop(disk: str, read_only: bool) -> str:
     return _run(command, "attach a loop device").strip()
 
 
-def _mount_ext4(loop: str, mountpoint: str, read_only: bool) -> None:
-    options = ["-o", "ro,noload"] if read_only else []
+def _mount_ext4(loop: str, mountpoint: str, read_only: bool, extra: str = "") -> None:
+    given = ",".join(part for part in ("ro,noload" if read_only else "", extra) if part)
+    options = ["-o", given] if given else []
     _run(["mount", "-t", "ext4", *options, loop, mountpoint], "mount ext4")
 
 
-def _run(command: list[str], what: str) -> str:
-    done = subprocess.run(command, capture_output=True, text=True)
+def _run(command: list[str], what: str, env: Mapping[str, str] | None = None) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise MountError(f"could not {what}: {' '.join(command)}: {done.stderr.strip()}")
     return done.stdout

@@ -47,8 +47,8 @@ Caveats:
   mount request), even when they are on the same registry;
 - only OCI manifests are written (no Docker schema 2 variant, no index); Docker manifests are
   read, whatever their layer media type, since the snapshotter looks only at annotations;
-- the image config has no ``history`` nor ``created``, so that pushing the same layers twice
-  gives the same manifest digest; tools that show history show none;
+- without `image_config` the image config has no ``history`` nor ``created``, so that pushing
+  the same layers twice gives the same manifest digest; tools that show history show none;
 - ``blob-fs-type`` is written as given and not checked against the layers (the workbench does
   not look inside the filesystem), and `resolve_image` does not carry it into the config
   (config.v1.json has no field for it).
@@ -61,7 +61,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -89,6 +89,7 @@ __all__ = [
     "OVERLAYBD_VERSION",
     "VERSION",
     "UnsupportedImageError",
+    "image_documents",
     "push_image",
     "resolve_image",
     "write_image_config",
@@ -154,6 +155,7 @@ def push_image(
     *,
     fs_type: str = "ext4",
     platform: str = "linux/amd64",
+    image_config: Mapping[str, Any] | None = None,
 ) -> str:
     """Push the lowers of a config.v1.json as an OverlayBD image and tag it.
 
@@ -173,6 +175,10 @@ def push_image(
         The `BLOB_FS_TYPE` annotation of every layer.
     platform
         ``os/arch[/variant]`` of the image config.
+    image_config
+        The image config to keep (an OCI/Docker config as JSON: env, entrypoint, cmd,
+        history, ...), e.g. that of the image the layers were converted from; its ``rootfs``
+        is replaced, its platform kept. None writes a minimal config of `platform`.
 
     Returns
     -------
@@ -217,10 +223,14 @@ def push_image(
             uploaded += sent
 
         # The image config, then the manifest that names it and the layers.
-        image_config = _image_config(layers, image_os, arch, variant)
-        config_digest, sent = _push_bytes(active, ref, image_config, "image config")
+        config_blob, manifest = image_documents(
+            [(layer.digest, layer.size, layer.acceleration) for layer in layers],
+            fs_type=fs_type,
+            platform=f"{image_os}/{arch}" + (f"/{variant}" if variant else ""),
+            image_config=image_config,
+        )
+        _config_digest, sent = _push_bytes(active, ref, config_blob, "image config")
         uploaded += sent
-        manifest = _manifest(layers, config_digest, len(image_config), fs_type)
         digest = active.run(active.client.push_manifest, ref, manifest, OCI_MANIFEST)
 
     log.info(
@@ -375,11 +385,38 @@ def _split_platform(platform: str) -> tuple[str, str, str]:
     return image_os, arch, variant
 
 
-def _image_config(layers: list[_Layer], image_os: str, arch: str, variant: str) -> bytes:
+def image_documents(
+    layers: Sequence[tuple[str, int, bool]],
+    *,
+    fs_type: str = "ext4",
+    platform: str = "linux/amd64",
+    image_config: Mapping[str, Any] | None = None,
+) -> tuple[bytes, bytes]:
+    """(image config blob, manifest) of an OverlayBD image of `layers` (digest, size,
+    acceleration), bottom first; what `push_image` uploads, for writers of other stores.
+
+    `image_config` is kept but for its ``rootfs`` (see `push_image`).
+    """
+    image_os, arch, variant = _split_platform(platform)
+    entries = [_Layer(digest, size, acceleration) for digest, size, acceleration in layers]
+    config_blob = _image_config(entries, image_os, arch, variant, image_config)
+    config_digest = "sha256:" + hashlib.sha256(config_blob).hexdigest()
+    return config_blob, _manifest(entries, config_digest, len(config_blob), fs_type)
+
+
+def _image_config(
+    layers: list[_Layer],
+    image_os: str,
+    arch: str,
+    variant: str,
+    base: Mapping[str, Any] | None = None,
+) -> bytes:
     """The OCI image config blob: platform and rootfs, diff_ids = the (uncompressed) blobs."""
     document: dict[str, Any] = {"architecture": arch, "os": image_os}
     if variant:
         document["variant"] = variant
+    if base is not None:
+        document = dict(base)
     document["rootfs"] = {"type": "layers", "diff_ids": [layer.digest for layer in layers]}
     return json.dumps(document, indent=2).encode()
 
