@@ -23,6 +23,7 @@ __all__ = [
     "LayerStackError",
     "ManifestError",
     "ManifestNotFoundError",
+    "PeerError",
     "RangeError",
     "ReadOnlyError",
     "RegistryError",
@@ -120,3 +121,7 @@ class UnsupportedImageError(ManifestError):
     acceleration layer below the top, or annotations that contradict the layer descriptor.
     The message names the image, the layer (index and digest) and what to do.
     """
+
+
+class PeerError(WorkbenchError, OSError):
+    """Raised when a P2P peer cannot start, or an agent finds no parent that answers."""

@@ -48,6 +48,7 @@ def _register() -> None:
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
+    from workbench.cli.p2p import p2p
     from workbench.cli.registry import registry
     from workbench.cli.shape import shape
     from workbench.cli.trace import trace
@@ -55,7 +56,7 @@ def _register() -> None:
 
     images = (lsmt, zfile, inspect, export)
     devices = (mount, umount, commit)
-    registries = (registry, blob, cache, shape)
+    registries = (registry, blob, cache, shape, p2p)
     for command in (*images, *devices, *registries, trace, bench, demo):
         cli.add_command(command)
 
