@@ -261,7 +261,9 @@ class Cluster:
         done = time.perf_counter()
         return StartResult(host.index, done - started, mounted - started, nbytes)
 
-    def mount(self, host: Host) -> Path:
+    def mount(self, host: Host, trace: str | os.PathLike[str] | None = None) -> Path:
+        """Mount the image on `host` through its endpoint (`trace`: record the mount's events
+        to this Parquet file, written at unmount)."""
         mountpoint = self.workdir / "mnt" / f"h{host.index}"
         mountpoint.mkdir(parents=True, exist_ok=True)
         run = self.workdir / "run" / f"h{host.index}"
@@ -271,12 +273,23 @@ class Cluster:
         }
         reference = f"127.0.0.1:{LOCAL_PORT}/{REPOSITORY}:{TAG}"
         command = [*_workbench(), "mount", reference, str(mountpoint), "--run-dir", str(run)]
+        if trace is not None:
+            command += ["--trace", os.fspath(trace)]
         with self._lock:
             self._mounts.append((mountpoint, run))
         done = host.run(command, env=env)
         if done.returncode != 0:
             raise ClusterError(f"mount on {host.name} failed: {done.stderr.strip()[-400:]}")
         return mountpoint
+
+    def unmount(self, host: Host) -> None:
+        from workbench.device.mount import unmount
+
+        mountpoint = self.workdir / "mnt" / f"h{host.index}"
+        with self._lock:
+            entry = next(entry for entry in self._mounts if entry[0] == mountpoint)
+            self._mounts.remove(entry)
+        unmount(*entry)
 
     def start_files(self, mountpoint: Path) -> list[str]:
         return sorted(str(path.relative_to(mountpoint)) for path in (mountpoint / "app").iterdir())

@@ -1,0 +1,394 @@
+"""A discrete-event model (SimPy) of batch cold starts: registry, P2P tree, hosts, traces.
+
+The model replays a block-access trace (`Trace`, recorded from a real start: the device's
+reads of its layer blob) on every container of every host at once and reports when each start
+finishes and how many bytes the registry served. It follows the real system's structure:
+
+- **blocks**: the blob is cut into refill-sized blocks (256 KiB); a start needs the blocks
+  its trace touches, in first-touch order, with up to `window` fetches in flight (the
+  device's readahead) and the trace's think time (time not waiting on reads) spread over it;
+- **caches**: each peer (the root, each host's agent) keeps every block it has fetched; a
+  block in flight is waited for, not fetched again (the cache's shared fills), so containers
+  of one host (Fig 20) share their host's fetches;
+- **links**: each host has an uplink and a downlink, the registry an egress link, each a
+  FIFO pipe of `*_mbps`; a block moving from a parent to a child holds the parent's uplink
+  and the child's downlink; every request costs `request_s` per hop (RTT plus handling);
+- **tree**: hosts join in order, breadth first, `fanout` children per node (`Topology`);
+- **CPU** (only for calibration on one machine): with `cpu_cores` set, every request per
+  hop and every MiB through a process take `cpu_request_s` / `cpu_mib_s` of a shared pool
+  of that many cores, the way all namespaces of one machine share its 2 cores.
+
+Modes: ``p2p`` (lazy reads through the tree), ``direct`` (lazy reads, each host from the
+registry), ``p2p-whole`` (each host downloads the whole blob through the tree, then starts
+from local disk), ``tgz`` (each host pulls a .tgz of `tgz_bytes` from the registry and unpacks
+it at `unpack_mbps`, then starts from local disk: Docker's default).
+
+`sweep` runs many parameter sets locally (a process pool) or on a Ray cluster when given its
+address (``ray`` is imported only then).
+
+Caveats:
+- links are FIFO pipes, not TCP fair sharing; a transfer holding an uplink while it waits
+  for the downlink wastes the uplink meanwhile (conservative for P2P);
+- no failures, no topology expiry, no block cache eviction;
+- the trace's think time is taken as independent of the network (it includes the recording
+  machine's kernel and FUSE time); `window` is a calibrated constant, not the adaptive
+  readahead of `BlockCache`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+
+__all__ = ["Params", "SimResult", "Trace", "simulate", "sweep"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+Mode = Literal["p2p", "direct", "p2p-whole", "tgz"]
+MODES: tuple[str, ...] = ("p2p", "direct", "p2p-whole", "tgz")
+
+
+# Traces --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The blocks one start reads, in first-touch order, and the time it spends not reading.
+
+    `blocks` are indices of `block_size` blocks of a blob of `blob_size` bytes; `think_s` is
+    the part of the recorded start during which no read was outstanding.
+    """
+
+    blocks: tuple[int, ...]
+    block_size: int
+    blob_size: int
+    think_s: float
+    name: str = "trace"
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blocks) * self.block_size
+
+    @classmethod
+    def from_events(
+        cls, events, block_size: int = 256 << 10, blob_size: int | None = None, name: str = ""
+    ) -> Trace:
+        """A trace of the ``cache``-layer reads of the largest blob in a recording."""
+        reads = events[(events.layer == "cache") & (events.op == "read")]
+        if reads.empty:
+            raise WorkbenchError("the recording has no cache reads; record a lazy (remote) start")
+        target = reads.groupby("target").length.sum().idxmax()
+        reads = reads[reads.target == target].sort_values("start_ns")
+        return cls.from_reads(
+            reads.start_ns.to_numpy(),
+            reads.duration_ns.to_numpy(),
+            reads.offset.to_numpy(),
+            reads.length.to_numpy(),
+            block_size=block_size,
+            blob_size=blob_size or int((reads.offset + reads.length).max()),
+            name=name or str(target),
+        )
+
+    @classmethod
+    def from_reads(cls, start_ns, duration_ns, offset, length, *, block_size, blob_size, name):
+        seen: dict[int, None] = {}
+        for first, count in zip(offset, length, strict=True):
+            for block in range(int(first) // block_size, -(-int(first + count) // block_size)):
+                seen.setdefault(block, None)
+        busy_ns = _union_length(start_ns, start_ns + duration_ns)
+        span_ns = int((start_ns + duration_ns).max() - start_ns.min())
+        return cls(tuple(seen), block_size, blob_size, max(0, span_ns - busy_ns) / 1e9, name)
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=None) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> Trace:
+        document = json.loads(Path(path).read_text())
+        document["blocks"] = tuple(document["blocks"])
+        return cls(**document)
+
+    def scaled(self, nbytes: int, blob_size: int | None = None) -> Trace:
+        """The same access pattern stretched to `nbytes` read of a `blob_size` blob."""
+        blob_size = blob_size or int(self.blob_size * nbytes / max(self.nbytes, 1))
+        count = max(1, nbytes // self.block_size)
+        factor = blob_size / self.blob_size
+        picked = np.linspace(0, len(self.blocks) - 1, count)
+        blocks = dict.fromkeys(int(self.blocks[int(i)] * factor) + int(i) % 4 for i in picked)
+        last = blob_size // self.block_size
+        return dataclasses.replace(
+            self, blocks=tuple(min(b, last) for b in blocks), blob_size=blob_size
+        )
+
+
+def _union_length(starts, ends) -> int:
+    order = np.argsort(starts)
+    total, current_start, current_end = 0, None, None
+    for start, end in zip(np.asarray(starts)[order], np.asarray(ends)[order], strict=True):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        total += current_end - current_start
+    return int(total)
+
+
+# Parameters and results ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Params:
+    """One scenario. Rates in Mbit/s, times in seconds."""
+
+    hosts: int = 4
+    mode: Mode = "p2p"
+    containers_per_host: int = 1
+    fanout: int = 4
+    host_mbps: float = 10_000.0
+    registry_mbps: float = 10_000.0
+    request_s: float = 0.5e-3
+    registry_request_s: float = 2e-3
+    mount_s: float = 0.3
+    window: int = 4
+    cpu_cores: int | None = None
+    cpu_request_s: float = 0.0
+    cpu_mib_s: float = 0.0
+    tgz_bytes: int = 165 * MiB
+    unpack_mbps: float = 800.0
+    start_spread_s: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.hosts < 1 or self.containers_per_host < 1 or self.fanout < 1 or self.window < 1:
+            raise ValueError("hosts, containers_per_host, fanout and window must be at least 1")
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Start times of every container (seconds from the batch start) and registry bytes."""
+
+    params: Params
+    start_s: tuple[float, ...] = field(repr=False)
+    registry_bytes: int
+    trace_bytes: int
+
+    @property
+    def mean_s(self) -> float:
+        return float(np.mean(self.start_s))
+
+    @property
+    def max_s(self) -> float:
+        return float(np.max(self.start_s))
+
+    def row(self) -> dict:
+        """A flat record for a table: the parameters and the results."""
+        starts = np.asarray(self.start_s)
+        return {
+            **dataclasses.asdict(self.params),
+            "containers": len(starts),
+            "mean_s": float(starts.mean()),
+            "p50_s": float(np.percentile(starts, 50)),
+            "p99_s": float(np.percentile(starts, 99)),
+            "max_s": float(starts.max()),
+            "std_s": float(starts.std()),
+            "registry_bytes": self.registry_bytes,
+            "trace_bytes": self.trace_bytes,
+        }
+
+
+# The model -----------------------------------------------------------------------------------
+
+
+class _Model:
+    def __init__(self, params: Params, trace: Trace) -> None:
+        import simpy
+
+        self.simpy = simpy
+        self.p = params
+        self.trace = trace
+        self.env = simpy.Environment()
+        self.rng = np.random.default_rng(params.seed)
+        self.registry_link = simpy.Resource(self.env, 1)
+        self.up = [simpy.Resource(self.env, 1) for _ in range(params.hosts + 1)]
+        self.down = [simpy.Resource(self.env, 1) for _ in range(params.hosts + 1)]
+        self.caches: list[dict[int, object]] = [{} for _ in range(params.hosts + 1)]
+        self.cpu = simpy.Resource(self.env, params.cpu_cores) if params.cpu_cores else None
+        self.registry_bytes = 0
+        self.starts: list[float] = []
+        # node 0 is the root (its links: the root's), node i is host i-1
+
+    # Costs
+
+    def _seconds(self, nbytes: int, mbps: float) -> float:
+        return nbytes * 8 / (mbps * 1e6)
+
+    def _cpu(self, requests: int, nbytes: int):
+        if self.cpu is None:
+            return
+        cost = requests * self.p.cpu_request_s + nbytes / MiB * self.p.cpu_mib_s
+        if cost > 0:
+            with self.cpu.request() as slot:
+                yield slot
+                yield self.env.timeout(cost)
+
+    def _transfer(self, sender, receiver, nbytes: int, mbps: float):
+        """Hold the sender's and the receiver's link for the bytes' time at `mbps`."""
+        with sender.request() as sending:
+            yield sending
+            with receiver.request() as receiving:
+                yield receiving
+                yield self.env.timeout(self._seconds(nbytes, mbps))
+
+    def _from_registry(self, node: int, nbytes: int):
+        yield self.env.timeout(self.p.registry_request_s)
+        yield from self._cpu(1, nbytes)
+        rate = min(self.p.registry_mbps, self._node_mbps(node))
+        yield from self._transfer(self.registry_link, self.down[node], nbytes, rate)
+        self.registry_bytes += nbytes
+
+    def _node_mbps(self, node: int) -> float:
+        return self.p.registry_mbps if node == 0 else self.p.host_mbps
+
+    # Blocks
+
+    def parent(self, node: int) -> int:
+        return (node - 1) // self.p.fanout  # breadth first: root 0; hosts 1..N
+
+    def block(self, node: int, block: int):
+        """Make `block` present at `node` (fetching through its ancestors), waiting for it."""
+        cache = self.caches[node]
+        event = cache.get(block)
+        if event is None:
+            event = cache[block] = self.env.event()
+            self.env.process(self._fill(node, block, event))
+        yield event
+
+    def _fill(self, node: int, block: int, event):
+        size = self.trace.block_size
+        if node == 0 or self.p.mode in ("direct", "tgz"):
+            yield from self._from_registry(node, size)
+        else:
+            parent = self.parent(node)
+            yield from self.block(parent, block)
+            yield self.env.timeout(self.p.request_s)
+            yield from self._cpu(1, size)
+            rate = min(self._node_mbps(parent), self.p.host_mbps)
+            yield from self._transfer(self.up[parent], self.down[node], size, rate)
+        event.succeed()
+
+    def blocks(self, node: int, blocks: Sequence[int], think_s: float):
+        """Read `blocks` in order at `node`, `window` in flight, thinking between them."""
+        window = self.p.window
+        pending: list = []
+        pause = think_s / max(len(blocks), 1)
+        for block in blocks:
+            pending.append(self.env.process(self.block(node, block)))
+            if len(pending) >= window:
+                yield pending.pop(0)
+                if pause:
+                    yield self.env.timeout(pause)
+        for fetch in pending:
+            yield fetch
+            if pause:
+                yield self.env.timeout(pause)
+
+    # Starts
+
+    def container(self, node: int, local: bool, begin: float):
+        """One container's start; its time counts from `begin`, when its host was told to
+        start (a pull before it included)."""
+        yield self.env.timeout(self.p.mount_s)
+        if local:
+            yield self.env.timeout(self.trace.think_s)
+        else:
+            yield from self._cpu(len(self.trace.blocks), self.trace.nbytes)
+            yield from self.blocks(node, self.trace.blocks, self.trace.think_s)
+        self.starts.append(self.env.now - begin)
+
+    def host(self, node: int):
+        yield self.env.timeout(self.rng.uniform(0, self.p.start_spread_s))
+        begin = self.env.now
+        mode = self.p.mode
+        if mode == "p2p-whole":
+            whole = range(-(-self.trace.blob_size // self.trace.block_size))
+            yield from self.blocks(node, whole, 0.0)
+        elif mode == "tgz":
+            yield from self._pull_tgz(node)
+        local = mode in ("p2p-whole", "tgz")
+        starts = [
+            self.env.process(self.container(node, local, begin))
+            for _ in range(self.p.containers_per_host)
+        ]
+        yield self.env.all_of(starts)
+
+    def _pull_tgz(self, node: int):
+        chunk = 4 * MiB
+        remaining = self.p.tgz_bytes
+        while remaining > 0:
+            piece = min(chunk, remaining)
+            yield from self._from_registry(node, piece)
+            remaining -= piece
+        yield self.env.timeout(self._seconds(self.p.tgz_bytes * 3, self.p.unpack_mbps))
+
+    def run(self) -> SimResult:
+        for node in range(1, self.p.hosts + 1):
+            self.env.process(self.host(node))
+        self.env.run()
+        return SimResult(self.p, tuple(self.starts), self.registry_bytes, self.trace.nbytes)
+
+
+def simulate(params: Params, trace: Trace) -> SimResult:
+    """Run one scenario to completion."""
+    return _Model(params, trace).run()
+
+
+def _simulate_row(args: tuple[Params, Trace]) -> dict:
+    return simulate(*args).row()
+
+
+def sweep(
+    scenarios: Iterable[Params],
+    trace: Trace,
+    *,
+    ray_address: str | None = None,
+    workers: int | None = None,
+) -> list[dict]:
+    """Rows (`SimResult.row`) of every scenario, in order: locally in a process pool, or on
+    the Ray cluster at `ray_address` (``"auto"``, ``"ray://host:10001"``)."""
+    jobs = [(params, trace) for params in scenarios]
+    if ray_address is not None:
+        return _sweep_on_ray(jobs, ray_address)
+    if workers == 1 or len(jobs) <= 1:
+        return [_simulate_row(job) for job in jobs]
+    with ProcessPoolExecutor(workers or min(len(jobs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_simulate_row, jobs))
+
+
+def _sweep_on_ray(jobs: list[tuple[Params, Trace]], address: str) -> list[dict]:
+    try:
+        import ray
+    except ImportError as exc:
+        raise WorkbenchError(
+            "ray is not installed; pip install 'ray[default]' to sweep on a cluster, or drop "
+            "the Ray address to sweep locally"
+        ) from exc
+    ray.init(address=address, ignore_reinit_error=True)
+    remote = ray.remote(_simulate_row)
+    return ray.get([remote.remote(job) for job in jobs])
