@@ -13,9 +13,11 @@ cd "$top"
 # docker-registry (the CNCF registry), skopeo, umoci, containerd and runc are the real peers of
 # the registry tests (skopeo copy and ctr image pull against the embedded registry); fuse3 and
 # libfuse3-dev serve the image as a FUSE disk file (pip builds pyfuse3 against libfuse3), and
-# util-linux's losetup attaches it as a loop device; fio drives `workbench bench device`.
+# util-linux's losetup attaches it as a loop device; fio drives `workbench bench device`;
+# iproute2 (ip netns, veth, tc tbf) makes the P2P tests' hosts, and curl asks their agents.
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
-    tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux fio)
+    tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux fio
+    iproute2 curl)
 
 missing=()
 for package in "${apt_packages[@]}"; do

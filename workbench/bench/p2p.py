@@ -40,6 +40,7 @@ class P2PBenchmark:
     fanout: int = 4
     app_mib: int = 6
     rest_mib: int = 24
+    repeats: int = 1
 
     @classmethod
     def quick(cls) -> P2PBenchmark:
@@ -67,24 +68,33 @@ def bench_p2p(
         ],
     )
     runs = []
+    measured: dict[tuple[int, str], list[tuple[int, float, float]]] = {}
+    for repeat in range(settings.repeats):
+        for count in settings.hosts:
+            for mode in ("direct", "p2p"):
+                with Cluster(
+                    workdir,
+                    count,
+                    mode=mode,
+                    mbps=settings.mbps,
+                    fanout=settings.fanout,
+                    app_mib=settings.app_mib,
+                    rest_mib=settings.rest_mib,
+                ) as cluster:
+                    summary = cluster.summary(cluster.start_all())
+                summary["repeat"] = repeat
+                runs.append(summary)
+                seconds = [start["seconds"] for start in summary["starts"]]
+                measured.setdefault((count, mode), []).append(
+                    (summary["registry_bytes"], statistics.mean(seconds), max(seconds))
+                )
+            print(f"  repeat {repeat + 1}/{settings.repeats}: {count} hosts done", file=out)
+
     for count in settings.hosts:
-        measured = {}
-        for mode in ("direct", "p2p"):
-            with Cluster(
-                workdir,
-                count,
-                mode=mode,
-                mbps=settings.mbps,
-                fanout=settings.fanout,
-                app_mib=settings.app_mib,
-                rest_mib=settings.rest_mib,
-            ) as cluster:
-                results = cluster.start_all()
-                summary = cluster.summary(results)
-            runs.append(summary)
-            seconds = [start["seconds"] for start in summary["starts"]]
-            measured[mode] = (summary["registry_bytes"], statistics.mean(seconds), max(seconds))
-        (bytes_d, mean_d, max_d), (bytes_p, mean_p, max_p) = measured["direct"], measured["p2p"]
+        (bytes_d, mean_d, max_d), (bytes_p, mean_p, max_p) = (
+            tuple(statistics.median(column) for column in zip(*measured[count, mode], strict=True))
+            for mode in ("direct", "p2p")
+        )
         table.rows.append(
             [
                 count,
@@ -98,9 +108,11 @@ def bench_p2p(
                 max_p,
             ]
         )
-        print(table.render() if count == settings.hosts[-1] else f"  {count} hosts done", file=out)
+    print(table.render(), file=out)
     table.notes.append(
         "bytes p2p/direct: the registry's bytes with P2P over those without (target about 1/N)"
     )
+    if settings.repeats > 1:
+        table.notes.append(f"medians of {settings.repeats} repeats, run interleaved")
     print("\n".join(f"  {note}" for note in table.notes), file=out)
     return [table], runs

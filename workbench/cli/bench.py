@@ -176,6 +176,7 @@ def device(
     type=click.Path(file_okay=False),
     help="Folder for the image and the hosts' state (default: a temporary folder).",
 )
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Runs per point (1).")
 @click.option("--runs", "runs_path", type=click.Path(dir_okay=False), help="Write the raw runs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
 def p2p(
@@ -183,6 +184,7 @@ def p2p(
     hosts: str | None,
     mbps: float | None,
     workdir: str | None,
+    repeats: int | None,
     runs_path: str | None,
     json_path: str | None,
 ) -> None:
@@ -201,6 +203,8 @@ def p2p(
         settings.hosts = tuple(int(count) for count in hosts.split(","))
     if mbps is not None:
         settings.mbps = mbps or None
+    if repeats is not None:
+        settings.repeats = repeats
     with tempfile.TemporaryDirectory(prefix="wb-bench-p2p-", dir=workdir) as scratch:
         tables, runs = bench_p2p(settings, Path(scratch), out=sys.stdout)
     if runs_path:

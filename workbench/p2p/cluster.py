@@ -371,3 +371,31 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
     if process.stdout is not None:
         process.stdout.close()
+
+
+def record_trace(
+    workdir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    mbps: float | None = None,
+    app_mib: int = 6,
+    rest_mib: int = 24,
+):
+    """Record one host's cold start through its agent and save it as a `Trace` JSON."""
+    import pandas as pd
+
+    from workbench.p2p.sim import Trace
+
+    workdir = Path(workdir)
+    events_path = workdir / "start-events.parquet"
+    with Cluster(workdir, 1, mode="p2p", mbps=mbps, app_mib=app_mib, rest_mib=rest_mib) as cluster:
+        host = cluster.hosts[0]
+        cluster.read(cluster.mount(host, trace=events_path))
+        cluster.unmount(host)
+        blob_size = cluster.blob_size()
+    trace = Trace.from_events(
+        pd.read_parquet(events_path), blob_size=blob_size, name="sample image start"
+    )
+    trace.to_json(out)
+    events_path.unlink()
+    return trace

@@ -257,6 +257,8 @@ def _require_tools() -> None:
     missing = [tool for tool in ("ip", "tc", "nsenter") if shutil.which(tool) is None]
     if missing:
         raise HostNetworkError(f"{', '.join(missing)} missing; install iproute2 and util-linux")
+    if shutil.which("iptables") is None:
+        return
     forward = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True)
     if "-P FORWARD DROP" in forward.stdout:
         raise HostNetworkError(

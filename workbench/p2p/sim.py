@@ -14,9 +14,9 @@ finishes and how many bytes the registry served. It follows the real system's st
   FIFO pipe of `*_mbps`; a block moving from a parent to a child holds the parent's uplink
   and the child's downlink; every request costs `request_s` per hop (RTT plus handling);
 - **tree**: hosts join in order, breadth first, `fanout` children per node (`Topology`);
-- **CPU** (only for calibration on one machine): with `cpu_cores` set, every request per
-  hop and every MiB through a process take `cpu_request_s` / `cpu_mib_s` of a shared pool
-  of that many cores, the way all namespaces of one machine share its 2 cores.
+- **CPU**: every request and every MiB a node receives take `cpu_request_s` / `cpu_mib_s` of
+  that node's `cpu_cores` cores; with `shared_cpu` all nodes draw on one pool of
+  `cpu_cores` instead, the way all namespaces of one machine share its 2 cores (calibration).
 
 Modes: ``p2p`` (lazy reads through the tree), ``direct`` (lazy reads, each host from the
 registry), ``p2p-whole`` (each host downloads the whole blob through the tree, then starts
@@ -121,16 +121,22 @@ class Trace:
         return cls(**document)
 
     def scaled(self, nbytes: int, blob_size: int | None = None) -> Trace:
-        """The same access pattern stretched to `nbytes` read of a `blob_size` blob."""
+        """The same access pattern stretched to `nbytes` read of a `blob_size` blob.
+
+        Each block of the trace becomes a run of consecutive blocks at the same relative
+        position of the larger blob, in the same order: locality and order are kept, the
+        think time is kept as it is.
+        """
         blob_size = blob_size or int(self.blob_size * nbytes / max(self.nbytes, 1))
-        count = max(1, nbytes // self.block_size)
-        factor = blob_size / self.blob_size
-        picked = np.linspace(0, len(self.blocks) - 1, count)
-        blocks = dict.fromkeys(int(self.blocks[int(i)] * factor) + int(i) % 4 for i in picked)
-        last = blob_size // self.block_size
-        return dataclasses.replace(
-            self, blocks=tuple(min(b, last) for b in blocks), blob_size=blob_size
-        )
+        old_blocks = max(1, -(-self.blob_size // self.block_size))
+        new_blocks = max(1, -(-blob_size // self.block_size))
+        run = max(1, round(nbytes / self.block_size / max(len(self.blocks), 1)))
+        stretched: dict[int, None] = {}
+        for block in self.blocks:
+            first = block * new_blocks // old_blocks
+            for number in range(first, min(first + run, new_blocks)):
+                stretched.setdefault(number, None)
+        return dataclasses.replace(self, blocks=tuple(stretched), blob_size=blob_size)
 
 
 def _union_length(starts, ends) -> int:
@@ -164,8 +170,10 @@ class Params:
     request_s: float = 0.5e-3
     registry_request_s: float = 2e-3
     mount_s: float = 0.3
+    mount_cpu_s: float = 0.0
     window: int = 4
-    cpu_cores: int | None = None
+    cpu_cores: int = 4
+    shared_cpu: bool = False
     cpu_request_s: float = 0.0
     cpu_mib_s: float = 0.0
     tgz_bytes: int = 165 * MiB
@@ -229,7 +237,11 @@ class _Model:
         self.up = [simpy.Resource(self.env, 1) for _ in range(params.hosts + 1)]
         self.down = [simpy.Resource(self.env, 1) for _ in range(params.hosts + 1)]
         self.caches: list[dict[int, object]] = [{} for _ in range(params.hosts + 1)]
-        self.cpu = simpy.Resource(self.env, params.cpu_cores) if params.cpu_cores else None
+        shared = simpy.Resource(self.env, params.cpu_cores) if params.shared_cpu else None
+        self.cpus = [
+            shared if shared is not None else simpy.Resource(self.env, params.cpu_cores)
+            for _ in range(params.hosts + 1)
+        ]
         self.registry_bytes = 0
         self.starts: list[float] = []
         # node 0 is the root (its links: the root's), node i is host i-1
@@ -239,12 +251,10 @@ class _Model:
     def _seconds(self, nbytes: int, mbps: float) -> float:
         return nbytes * 8 / (mbps * 1e6)
 
-    def _cpu(self, requests: int, nbytes: int):
-        if self.cpu is None:
-            return
+    def _cpu(self, node: int, requests: int, nbytes: int):
         cost = requests * self.p.cpu_request_s + nbytes / MiB * self.p.cpu_mib_s
         if cost > 0:
-            with self.cpu.request() as slot:
+            with self.cpus[node].request() as slot:
                 yield slot
                 yield self.env.timeout(cost)
 
@@ -258,7 +268,7 @@ class _Model:
 
     def _from_registry(self, node: int, nbytes: int):
         yield self.env.timeout(self.p.registry_request_s)
-        yield from self._cpu(1, nbytes)
+        yield from self._cpu(node, 1, nbytes)
         rate = min(self.p.registry_mbps, self._node_mbps(node))
         yield from self._transfer(self.registry_link, self.down[node], nbytes, rate)
         self.registry_bytes += nbytes
@@ -288,7 +298,7 @@ class _Model:
             parent = self.parent(node)
             yield from self.block(parent, block)
             yield self.env.timeout(self.p.request_s)
-            yield from self._cpu(1, size)
+            yield from self._cpu(node, 1, size)
             rate = min(self._node_mbps(parent), self.p.host_mbps)
             yield from self._transfer(self.up[parent], self.down[node], size, rate)
         event.succeed()
@@ -315,10 +325,14 @@ class _Model:
         """One container's start; its time counts from `begin`, when its host was told to
         start (a pull before it included)."""
         yield self.env.timeout(self.p.mount_s)
+        if self.p.mount_cpu_s:
+            with self.cpus[node].request() as slot:
+                yield slot
+                yield self.env.timeout(self.p.mount_cpu_s)
         if local:
             yield self.env.timeout(self.trace.think_s)
         else:
-            yield from self._cpu(len(self.trace.blocks), self.trace.nbytes)
+            yield from self._cpu(node, len(self.trace.blocks), self.trace.nbytes)
             yield from self.blocks(node, self.trace.blocks, self.trace.think_s)
         self.starts.append(self.env.now - begin)
 
@@ -392,3 +406,137 @@ def _sweep_on_ray(jobs: list[tuple[Params, Trace]], address: str) -> list[dict]:
     ray.init(address=address, ignore_reinit_error=True)
     remote = ray.remote(_simulate_row)
     return ray.get([remote.remote(job) for job in jobs])
+
+
+# Calibration ---------------------------------------------------------------------------------
+
+CALIBRATED = ("mount_s", "mount_cpu_s", "request_s", "cpu_request_s", "cpu_mib_s")
+"""The constants `calibrate` fits; the rest come from the measured runs' set-up."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Fitted constants and, per measured run, the measured and predicted mean start."""
+
+    base: Params
+    rows: tuple[dict, ...]
+    fit_hosts: tuple[int, ...]
+
+    @property
+    def max_error(self) -> float:
+        return max(abs(row["error"]) for row in self.rows)
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame(list(self.rows))
+
+
+def scenario_of(run: dict, base: Params) -> Params:
+    """The parameters of a measured run (`Cluster.summary`) on top of `base`."""
+    return _scenario(base, run["mode"], run["hosts"], run.get("mbps") or 10_000.0)
+
+
+def calibrate(
+    runs: Sequence[dict],
+    trace: Trace,
+    *,
+    fit_hosts: Sequence[int] = (1, 2),
+    cpu_cores: int = 2,
+    rounds: int = 3,
+    base: Params | None = None,
+) -> Calibration:
+    """Fit `CALIBRATED` to the runs with `fit_hosts` hosts (coordinate search on the mean
+    relative error of the mean start), then predict every run."""
+    base = base or Params(cpu_cores=cpu_cores, shared_cpu=True, window=4)
+    points = measured_points(runs)
+    fitting = {key: value for key, value in points.items() if key[1] in fit_hosts}
+    if not fitting:
+        raise WorkbenchError(f"no measured run has {list(fit_hosts)} hosts; fit on others")
+
+    def loss(params: Params) -> float:
+        errors = [
+            _error(mode, hosts, seconds, params, trace)
+            for (mode, hosts), seconds in fitting.items()
+        ]
+        return float(np.mean(np.abs(errors)))
+
+    best, best_loss = base, loss(base)
+    scale = {
+        "mount_s": 0.5,
+        "mount_cpu_s": 0.5,
+        "request_s": 5e-3,
+        "cpu_request_s": 5e-3,
+        "cpu_mib_s": 0.05,
+    }
+    for _round in range(rounds):
+        for name in CALIBRATED:
+            current = getattr(best, name)
+            span = scale[name] / (2**_round)
+            for value in np.linspace(max(0.0, current - span), current + span, 9):
+                candidate = dataclasses.replace(best, **{name: float(value)})
+                candidate_loss = loss(candidate)
+                if candidate_loss < best_loss:
+                    best, best_loss = candidate, candidate_loss
+
+    rows = []
+    for (mode, hosts), (measured, mbps, repeats) in sorted(points.items()):
+        predicted = simulate(_scenario(best, mode, hosts, mbps), trace).mean_s
+        rows.append(
+            {
+                "mode": mode,
+                "hosts": hosts,
+                "repeats": repeats,
+                "fitted": hosts in fit_hosts,
+                "measured_s": measured,
+                "predicted_s": predicted,
+                "error": (predicted - measured) / measured,
+            }
+        )
+    return Calibration(best, tuple(rows), tuple(fit_hosts))
+
+
+def measured_points(runs: Sequence[dict]) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """(mode, hosts) -> (median over repeats of the mean start, link Mbit/s, repeats)."""
+    grouped: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        grouped.setdefault((run["mode"], run["hosts"]), []).append(run)
+    points = {}
+    for key, group in grouped.items():
+        means = [float(np.mean([start["seconds"] for start in run["starts"]])) for run in group]
+        points[key] = (float(np.median(means)), group[0].get("mbps") or 10_000.0, len(group))
+    return points
+
+
+def _scenario(base: Params, mode: str, hosts: int, mbps: float) -> Params:
+    return dataclasses.replace(base, hosts=hosts, mode=mode, host_mbps=mbps, registry_mbps=10_000.0)
+
+
+def _error(mode: str, hosts: int, point: tuple, params: Params, trace: Trace) -> float:
+    measured, mbps, _repeats = point
+    return (simulate(_scenario(params, mode, hosts, mbps), trace).mean_s - measured) / measured
+
+
+# The paper's numbers and set-ups -------------------------------------------------------------
+
+PAPER_FIG17 = {
+    "pseudo-Slacker": {2: 1.49, 4: 1.48, 8: 1.56, 16: 1.75, 32: 2.33},
+    "DADI": {3: 0.72, 12: 0.73, 39: 0.74},
+}
+"""Fig 17, batch cold start (mean s), read off the paper's plot (spec dadi-evaluation §2, [E])."""
+
+PAPER_FIG20 = {"cold_all_started_s": 4.0, "warm_minus_cold_s": (1.0, 2.0)}
+"""Fig 20: 1,000 VMs x 10 containers all started in about 4 s; cold 1-2 s behind warm."""
+
+PAPER_WORDPRESS = {"image_mib": 274, "tgz_mib": 165, "tgz_pull_s": 10.6, "registry_start_s": 2.2}
+"""Fig 14's WordPress: DADI LZ4 image, .tgz size and pull time, start from the registry."""
+
+HOST_10GBE = 10_000.0
+"""Fig 17's physical hosts (>= 10 GbE)."""
+VM_SUSTAINED = 1_500.0
+"""Fig 20-21's VMs: 5 Gbit/s burst, 1.5 Gbit/s sustained vNIC."""
+
+
+def default_trace_path() -> Path:
+    """The committed recorded start (datasets/traces/p2p-sample-start.json in the repository)."""
+    return Path(__file__).resolve().parents[2] / "datasets" / "traces" / "p2p-sample-start.json"
