@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from workbench.device.mount import list_mounts
 from workbench.p2p.cluster import Cluster
 from workbench.p2p.hosts import HostNetwork, leftovers
 
@@ -31,6 +32,17 @@ def require_hosts() -> None:
     if os.environ.get("CI"):
         raise RuntimeError(f"{reason}; CI must run the P2P host tests")
     pytest.skip(reason)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 @pytest.fixture
@@ -80,7 +92,11 @@ def test_hosts_starting_at_once_through_p2p_get_each_block_from_the_registry_onc
     assert counts and max(counts.values()) == 1  # no block left the registry twice
     tree = root["topology"]["trees"]
     assert any(len(members) == 4 for members in tree.values())  # all four joined one tree
-    assert leftovers(tag) == []
+
+    assert leftovers(tag) == []  # no namespace, bridge or veth
+    assert all(agent.poll() is not None for agent in cluster.agents.values())
+    assert not any(list_mounts(run) for run in (workdir / "run").glob("h*"))
+    assert not _processes_mentioning(str(workdir))  # no FUSE server, agent or root
 
 
 @pytest.mark.slow
@@ -106,3 +122,22 @@ def test_a_killed_parent_does_not_fail_its_children(workdir: Path) -> None:
         root = httpx.get(f"{cluster.root_url}/p2p/stats").json()
     assert '"reselections": 0' not in stats
     assert first.address in " ".join(root["topology"]["dead"])
+
+
+def test_the_leftovers_of_a_dead_owner_are_removed_and_nothing_else(workdir: Path) -> None:
+    import json
+
+    from workbench.p2p.hosts import cleanup_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with HostNetwork(1, run_dir=workdir) as live, HostNetwork(1, run_dir=workdir) as crashed:
+        state = workdir / "p2p-hosts" / f"{crashed.tag}.json"
+        record = json.loads(state.read_text())
+        state.write_text(json.dumps({**record, "owner": dead.pid}))  # as if its owner died
+
+        removed = cleanup_stale(workdir / "p2p-hosts")
+        assert sorted(removed) == sorted([crashed.hosts[0].name, crashed.bridge])
+        assert leftovers(crashed.tag) == []
+        assert leftovers(live.tag) != []  # a live owner's hosts are left alone
+    assert leftovers(live.tag) == []

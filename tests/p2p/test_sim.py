@@ -42,6 +42,8 @@ def test_whole_blob_and_tgz_pulls_move_whole_images() -> None:
     whole = simulate(Params(hosts=4, mode="p2p-whole"), TRACE)
     tgz = simulate(Params(hosts=4, mode="tgz", tgz_bytes=3 * MiB), TRACE)
     assert whole.registry_bytes == TRACE.blob_size  # once, through the tree
+    odd = dataclasses.replace(TRACE, blob_size=5 * MiB + 3)
+    assert simulate(Params(hosts=3, mode="p2p-whole"), odd).registry_bytes == 5 * MiB + 3
     assert tgz.registry_bytes == 4 * 3 * MiB
     lazy = simulate(Params(hosts=4, mode="p2p"), TRACE)
     assert lazy.mean_s < whole.mean_s and lazy.mean_s < tgz.mean_s

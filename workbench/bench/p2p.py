@@ -1,8 +1,9 @@
 """`workbench bench p2p`: N hosts start one image at once, through P2P vs each from the registry.
 
 For each host count N the benchmark builds two clusters of N network namespaces with shaped
-links (`workbench.p2p.cluster.Cluster`): one where every host's device reads the registry
-itself (the baseline), one where it reads through its host's P2P agent. Every host then
+links (400 Mbit/s per host, 100 Mbit/s out of the registry; `workbench.p2p.cluster.Cluster`):
+one where every host's device reads the registry itself (the baseline), one where it reads
+through its host's P2P agent. Every host then
 cold-starts the same image at once (mount, read the start set). Printed per N, with ratios
 P2P / direct measured in the same run:
 
@@ -36,7 +37,8 @@ MB = 1_000_000
 @dataclasses.dataclass
 class P2PBenchmark:
     hosts: tuple[int, ...] = (1, 2, 3, 4, 5)
-    mbps: float | None = 200.0
+    mbps: float | None = 400.0
+    registry_mbps: float | None = 100.0
     fanout: int = 4
     app_mib: int = 6
     rest_mib: int = 24
@@ -54,7 +56,8 @@ def bench_p2p(
     from workbench.p2p.cluster import Cluster
 
     table = Table(
-        f"batch cold start, links {settings.mbps or 'unshaped'} Mbit/s, fan-out {settings.fanout}",
+        f"batch cold start, host links {settings.mbps or 'unshaped'} Mbit/s, registry "
+        f"{settings.registry_mbps or 'unshaped'} Mbit/s, fan-out {settings.fanout}",
         [
             "hosts",
             "registry MB direct",
@@ -77,6 +80,7 @@ def bench_p2p(
                     count,
                     mode=mode,
                     mbps=settings.mbps,
+                    registry_mbps=settings.registry_mbps,
                     fanout=settings.fanout,
                     app_mib=settings.app_mib,
                     rest_mib=settings.rest_mib,

@@ -170,7 +170,8 @@ def device(
     "--quick", is_flag=True, help="A smoke run: 3 hosts, a 12 MiB image (under a minute)."
 )
 @click.option("--hosts", default=None, help="Host counts, comma-separated (default 1,2,3,4,5).")
-@click.option("--mbps", type=float, default=None, help="Rate of every host's link (default 200).")
+@click.option("--mbps", type=float, default=None, help="Rate of every host's link (default 400).")
+@click.option("--registry-mbps", type=float, default=None, help="Registry egress (default 100).")
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False),
@@ -183,6 +184,7 @@ def p2p(
     quick: bool,
     hosts: str | None,
     mbps: float | None,
+    registry_mbps: float | None,
     workdir: str | None,
     repeats: int | None,
     runs_path: str | None,
@@ -203,6 +205,8 @@ def p2p(
         settings.hosts = tuple(int(count) for count in hosts.split(","))
     if mbps is not None:
         settings.mbps = mbps or None
+    if registry_mbps is not None:
+        settings.registry_mbps = registry_mbps or None
     if repeats is not None:
         settings.repeats = repeats
     with tempfile.TemporaryDirectory(prefix="wb-bench-p2p-", dir=workdir) as scratch:

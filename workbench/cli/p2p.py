@@ -136,8 +136,11 @@ def _serve(peer: Peer) -> None:
 @p2p.command("record")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--mbps", type=float, default=None, help="Rate of the host's link (default: none).")
+@click.option("--registry-mbps", type=float, default=None, help="Registry egress (default: none).")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def record(out: Path, mbps: float | None, workdir: Path | None) -> None:
+def record(
+    out: Path, mbps: float | None, registry_mbps: float | None, workdir: Path | None
+) -> None:
     """Record the block trace of one cold start (a host, its agent, the sample image) to OUT.
 
     OUT is the JSON the scale model replays (`workbench p2p simulate --trace OUT`). Needs
@@ -148,7 +151,7 @@ def record(out: Path, mbps: float | None, workdir: Path | None) -> None:
     from workbench.p2p.cluster import record_trace
 
     with tempfile.TemporaryDirectory(prefix="wb-p2p-record-", dir=workdir) as scratch:
-        trace = record_trace(scratch, out, mbps=mbps)
+        trace = record_trace(scratch, out, mbps=mbps, registry_mbps=registry_mbps)
     click.echo(
         f"recorded {len(trace.blocks)} blocks ({trace.nbytes / 2**20:.1f} MiB of a "
         f"{trace.blob_size / 2**20:.1f} MiB blob), {trace.think_s:.3f} s think time, to {out}"

@@ -4,12 +4,13 @@
         results = cluster.start_all()             # every host mounts the image and reads
         cluster.registry_bytes()                  # what the registry served
 
-`Cluster` builds a `HostNetwork`, runs the embedded registry on the gateway address (in this
-process, so that it counts what it serves: `BlobReads`), pushes a sample image to it, and
-starts per host one process listening on the host's 127.0.0.1:`LOCAL_PORT`:
+`Cluster` builds a `HostNetwork` of one root host and N device hosts, runs the embedded
+registry on the gateway address (in this process, so that it counts what it serves:
+`BlobReads`; its egress to all hosts shaped to `registry_mbps`), pushes a sample image to it,
+and starts per device host one process listening on the host's 127.0.0.1:`LOCAL_PORT`:
 
-- mode ``"p2p"``: ``workbench p2p agent`` (its root, ``workbench p2p root``, runs in the root
-  namespace on the gateway address, the one peer reading the registry);
+- mode ``"p2p"``: ``workbench p2p agent`` (its root, ``workbench p2p root``, runs on the root
+  host, the one peer reading the registry);
 - mode ``"direct"``: ``workbench shape`` as a plain TCP forwarder to the registry, so that each
   host's device reads the registry itself (the baseline).
 
@@ -144,6 +145,7 @@ class Cluster:
         *,
         mode: Mode = "p2p",
         mbps: float | None = None,
+        registry_mbps: float | None = None,
         fanout: int = 4,
         app_mib: int = 6,
         rest_mib: int = 24,
@@ -153,7 +155,10 @@ class Cluster:
         self.workdir = Path(workdir)
         self.mode = mode
         self.fanout = fanout
-        self.network = HostNetwork(hosts, mbps=mbps, run_dir=self.workdir / "run")
+        self.registry_mbps = registry_mbps
+        self.network = HostNetwork(
+            hosts + 1, mbps=mbps, gateway_mbps=registry_mbps, run_dir=self.workdir / "run"
+        )
         self.config = make_sample_image(self.workdir / "image", app_mib=app_mib, rest_mib=rest_mib)
         self.registry = None
         self.root_url: str | None = None
@@ -164,7 +169,13 @@ class Cluster:
 
     @property
     def hosts(self) -> list[Host]:
-        return self.network.hosts
+        """The device hosts (index 1..N)."""
+        return self.network.hosts[1:]
+
+    @property
+    def root_host(self) -> Host:
+        """The host of the P2P root (index 0; idle in mode "direct")."""
+        return self.network.hosts[0]
 
     # Life cycle
 
@@ -193,10 +204,8 @@ class Cluster:
             except WorkbenchError as exc:
                 log.warning("unmount %s: %s", mountpoint, exc)
         self._mounts.clear()
-        self.network.close()
-        if self._root is not None:
-            _stop(self._root)
-            self._root = None
+        self.network.close()  # stops the root and the agents too
+        self._root = None
         if self.registry is not None:
             self.registry.stop()
             self.registry = None
@@ -216,18 +225,14 @@ class Cluster:
         self.registry.served.clear()
 
     def _start_root(self) -> None:
+        host = self.root_host
         command = [
             *_workbench(), "p2p", "root", "--registry", self.registry.url,
             "--cache", str(self.workdir / "caches" / "root"),
-            "--listen", f"{self.network.gateway}:0", "--fanout", str(self.fanout),
+            "--listen", f":{LOCAL_PORT}", "--advertise", f"http://{host.address}:{LOCAL_PORT}",
+            "--fanout", str(self.fanout),
         ]  # fmt: skip
-        self._root = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=self._log("root"),
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self._root = host.popen(command, stdout=subprocess.PIPE, stderr=self._log("root"))
         self.root_url = _ready(self._root, "the p2p root").split()[-1]
 
     def _start_local(self, host: Host) -> None:
@@ -315,7 +320,7 @@ class Cluster:
 
     def kill_agent(self, index: int) -> None:
         """SIGKILL host `index`'s agent (a parent failing)."""
-        self.hosts[index].stop(self.agents[index], sig=9)
+        self.network.hosts[index].stop(self.agents[index], sig=9)
 
     # Counters
 
@@ -344,6 +349,7 @@ class Cluster:
             "mode": self.mode,
             "hosts": len(self.hosts),
             "mbps": self.network.mbps,
+            "registry_mbps": self.registry_mbps,
             "registry_bytes": self.registry_bytes(),
             "blob_bytes": self.blob_size(),
             "starts": [asdict(result) for result in results],
@@ -361,23 +367,12 @@ def _ready(process: subprocess.Popen, what: str) -> str:
     return line
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
-
-
 def record_trace(
     workdir: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
     mbps: float | None = None,
+    registry_mbps: float | None = None,
     app_mib: int = 6,
     rest_mib: int = 24,
 ):
@@ -388,7 +383,15 @@ def record_trace(
 
     workdir = Path(workdir)
     events_path = workdir / "start-events.parquet"
-    with Cluster(workdir, 1, mode="p2p", mbps=mbps, app_mib=app_mib, rest_mib=rest_mib) as cluster:
+    with Cluster(
+        workdir,
+        1,
+        mode="p2p",
+        mbps=mbps,
+        registry_mbps=registry_mbps,
+        app_mib=app_mib,
+        rest_mib=rest_mib,
+    ) as cluster:
         host = cluster.hosts[0]
         cluster.read(cluster.mount(host, trace=events_path))
         cluster.unmount(host)

@@ -13,7 +13,9 @@ machine's mount namespace (unlike ``ip netns exec``), so a mount made by a devic
 visible to, and torn down by, the caller.
 
 Shaping. With `mbps` each link gets a token bucket filter (``tc qdisc ... tbf``) on both ends:
-on ``eth0`` (the host's upload) and on its bridge port (the host's download). There is no
+on ``eth0`` (the host's upload) and on its bridge port (the host's download). With
+`gateway_mbps` the bridge device itself is shaped: what the root namespace (a registry there)
+sends to all hosts together; traffic between hosts does not pass it. There is no
 netem on this kernel; tbf's latency is a queue bound, not a delay, so links add no RTT.
 
 Names. Every object carries the prefix ``wbp2p`` and a 4-hex-digit tag of the run: namespaces
@@ -47,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.device.mount import _is_alive
 from workbench.errors import WorkbenchError
 
 __all__ = ["PREFIX", "Host", "HostNetwork", "HostNetworkError", "cleanup_stale", "leftovers"]
@@ -135,6 +138,7 @@ class HostNetwork:
         count: int,
         *,
         mbps: float | None = None,
+        gateway_mbps: float | None = None,
         burst_bytes: int = 256 << 10,
         run_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -144,6 +148,7 @@ class HostNetwork:
             raise ValueError(f"mbps {mbps} must be positive, or None for unshaped links")
         self.count = count
         self.mbps = mbps
+        self.gateway_mbps = gateway_mbps
         self.burst_bytes = burst_bytes
         self.tag = secrets.token_hex(2)
         self.bridge = f"{PREFIX}{self.tag}br"
@@ -177,6 +182,8 @@ class HostNetwork:
         self._made_bridge = True
         _run(["ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge], "address the bridge")
         _run(["ip", "link", "set", self.bridge, "up"], "bring the bridge up")
+        if self.gateway_mbps is not None:
+            self._shape(["tc"], self.bridge, self.gateway_mbps)
 
         for index in range(self.count):
             host = Host(f"{PREFIX}-{self.tag}-h{index}", f"{self.subnet}.{10 + index}", index)
@@ -205,11 +212,11 @@ class HostNetwork:
         _run([*inside, "link", "set", "lo", "up"], "bring lo up")
         _run([*inside, "route", "add", "default", "via", self.gateway], "route via the gateway")
         if self.mbps is not None:
-            self._shape(["tc"], port)
-            self._shape(["tc", "-n", host.name], "eth0")
+            self._shape(["tc"], port, self.mbps)
+            self._shape(["tc", "-n", host.name], "eth0", self.mbps)
 
-    def _shape(self, tc: list[str], device: str) -> None:
-        rate = f"{self.mbps * 1000:.0f}kbit"
+    def _shape(self, tc: list[str], device: str, mbps: float) -> None:
+        rate = f"{mbps * 1000:.0f}kbit"
         _run(
             [*tc, "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
              "burst", str(self.burst_bytes), "latency", "200ms"],
@@ -283,16 +290,6 @@ def _link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale(state_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """Remove the namespaces and bridges of runs whose owner died; returns what was removed."""
     folder = Path(state_dir) if state_dir is not None else _state_dir(None)
@@ -302,11 +299,15 @@ def cleanup_stale(state_dir: str | os.PathLike[str] | None = None) -> list[str]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if _alive(int(record.get("owner", 0))):
+        if _is_alive(int(record.get("owner", 0))):
             continue
+        tag = str(record.get("tag", ""))
         for name in record.get("namespaces", []):
-            if name.startswith(f"{PREFIX}-") and _netns_exists(name):
+            if name.startswith(f"{PREFIX}-{tag}-") and _netns_exists(name):
                 _kill_namespace_processes(name)
+                port = f"{PREFIX}{tag}v{name.rsplit('-h', 1)[-1]}"
+                if _link_exists(port):
+                    subprocess.run(["ip", "link", "del", port], capture_output=True)
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
                 removed.append(name)
         bridge = record.get("bridge", "")

@@ -217,6 +217,7 @@ class Peer:
         self._blobs: dict[str, Any] = {}
         self._parents: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._server: _Server | None = None
         self._url: str | None = None
         self._connections: set[socket.socket] = set()
@@ -348,21 +349,22 @@ class Peer:
         return self.session.run(self.session.client.get_manifest, ref, reference)
 
     def _blob(self, repository: str, digest: str):
-        with self._lock:
-            blob = self._blobs.get(digest)
+        blob = self._blobs.get(digest)
         if blob is not None:
             return blob
 
-        size = self.blob_size(repository, digest)
+        with self._open_lock:  # one handle per blob, however many children ask at once
+            blob = self._blobs.get(digest)
+            if blob is None:
+                size = self.blob_size(repository, digest)
 
-        async def fetch(offset: int, length: int) -> bytes:
-            return await self._fetch(repository, digest, offset, length)
+                async def fetch(offset: int, length: int) -> bytes:
+                    return await self._fetch(repository, digest, offset, length)
 
-        opened = self.session.open_blob(_reference(self.url, repository), digest, size, fetch=fetch)
-        with self._lock:
-            blob = self._blobs.setdefault(digest, opened)
-        if blob is not opened:
-            opened.close()
+                reference = _reference(self.url, repository)
+                blob = self.session.open_blob(reference, digest, size, fetch=fetch)
+                with self._lock:
+                    self._blobs[digest] = blob
         return blob
 
     # Upstream (the session's trio loop)

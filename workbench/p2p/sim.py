@@ -10,9 +10,10 @@ finishes and how many bytes the registry served. It follows the real system's st
 - **caches**: each peer (the root, each host's agent) keeps every block it has fetched; a
   block in flight is waited for, not fetched again (the cache's shared fills), so containers
   of one host (Fig 20) share their host's fetches;
-- **links**: each host has an uplink and a downlink, the registry an egress link, each a
-  FIFO pipe of `*_mbps`; a block moving from a parent to a child holds the parent's uplink
-  and the child's downlink; every request costs `request_s` per hop (RTT plus handling);
+- **links**: each host (the root's included) has an uplink and a downlink of `host_mbps`, the
+  registry one egress link of `registry_mbps` shared by all its readers, each a FIFO pipe; a
+  block moving from a parent to a child holds the parent's uplink and the child's downlink;
+  every request costs `request_s` per hop (RTT plus handling);
 - **tree**: hosts join in order, breadth first, `fanout` children per node (`Topology`);
 - **CPU**: every request and every MiB a node receives take `cpu_request_s` / `cpu_mib_s` of
   that node's `cpu_cores` cores; with `shared_cpu` all nodes draw on one pool of
@@ -176,6 +177,8 @@ class Params:
     shared_cpu: bool = False
     cpu_request_s: float = 0.0
     cpu_mib_s: float = 0.0
+    whole_chunk_bytes: int = 4 * MiB
+    """Unit of a whole-blob P2P download (Dragonfly-style pieces; keeps big runs cheap)."""
     tgz_bytes: int = 165 * MiB
     unpack_mbps: float = 800.0
     start_spread_s: float = 0.0
@@ -244,7 +247,7 @@ class _Model:
         ]
         self.registry_bytes = 0
         self.starts: list[float] = []
-        # node 0 is the root (its links: the root's), node i is host i-1
+        # node 0 is the root (a host of its own, next to the registry), node i is host i-1
 
     # Costs
 
@@ -269,47 +272,43 @@ class _Model:
     def _from_registry(self, node: int, nbytes: int):
         yield self.env.timeout(self.p.registry_request_s)
         yield from self._cpu(node, 1, nbytes)
-        rate = min(self.p.registry_mbps, self._node_mbps(node))
+        rate = min(self.p.registry_mbps, self.p.host_mbps)
         yield from self._transfer(self.registry_link, self.down[node], nbytes, rate)
         self.registry_bytes += nbytes
-
-    def _node_mbps(self, node: int) -> float:
-        return self.p.registry_mbps if node == 0 else self.p.host_mbps
 
     # Blocks
 
     def parent(self, node: int) -> int:
         return (node - 1) // self.p.fanout  # breadth first: root 0; hosts 1..N
 
-    def block(self, node: int, block: int):
-        """Make `block` present at `node` (fetching through its ancestors), waiting for it."""
+    def block(self, node: int, block, size: int | None = None):
+        """Make `block` (`size` bytes, default a trace block) present at `node`, fetching it
+        through its ancestors, and wait for it."""
         cache = self.caches[node]
         event = cache.get(block)
         if event is None:
             event = cache[block] = self.env.event()
-            self.env.process(self._fill(node, block, event))
+            self.env.process(self._fill(node, block, size or self.trace.block_size, event))
         yield event
 
-    def _fill(self, node: int, block: int, event):
-        size = self.trace.block_size
+    def _fill(self, node: int, block, size: int, event):
         if node == 0 or self.p.mode in ("direct", "tgz"):
             yield from self._from_registry(node, size)
         else:
             parent = self.parent(node)
-            yield from self.block(parent, block)
+            yield from self.block(parent, block, size)
             yield self.env.timeout(self.p.request_s)
             yield from self._cpu(node, 1, size)
-            rate = min(self._node_mbps(parent), self.p.host_mbps)
-            yield from self._transfer(self.up[parent], self.down[node], size, rate)
+            yield from self._transfer(self.up[parent], self.down[node], size, self.p.host_mbps)
         event.succeed()
 
-    def blocks(self, node: int, blocks: Sequence[int], think_s: float):
+    def blocks(self, node: int, blocks: Sequence, think_s: float, size: int | None = None):
         """Read `blocks` in order at `node`, `window` in flight, thinking between them."""
         window = self.p.window
         pending: list = []
         pause = think_s / max(len(blocks), 1)
         for block in blocks:
-            pending.append(self.env.process(self.block(node, block)))
+            pending.append(self.env.process(self.block(node, block, size)))
             if len(pending) >= window:
                 yield pending.pop(0)
                 if pause:
@@ -341,8 +340,11 @@ class _Model:
         begin = self.env.now
         mode = self.p.mode
         if mode == "p2p-whole":
-            whole = range(-(-self.trace.blob_size // self.trace.block_size))
-            yield from self.blocks(node, whole, 0.0)
+            chunk = self.p.whole_chunk_bytes
+            full, tail = divmod(self.trace.blob_size, chunk)
+            yield from self.blocks(node, [("whole", n) for n in range(full)], 0.0, chunk)
+            if tail:
+                yield from self.blocks(node, [("whole", full)], 0.0, tail)
         elif mode == "tgz":
             yield from self._pull_tgz(node)
         local = mode in ("p2p-whole", "tgz")
@@ -434,7 +436,7 @@ class Calibration:
 
 def scenario_of(run: dict, base: Params) -> Params:
     """The parameters of a measured run (`Cluster.summary`) on top of `base`."""
-    return _scenario(base, run["mode"], run["hosts"], run.get("mbps") or 10_000.0)
+    return _scenario(base, run["mode"], run["hosts"], _links(run))
 
 
 def calibrate(
@@ -480,8 +482,8 @@ def calibrate(
                     best, best_loss = candidate, candidate_loss
 
     rows = []
-    for (mode, hosts), (measured, mbps, repeats) in sorted(points.items()):
-        predicted = simulate(_scenario(best, mode, hosts, mbps), trace).mean_s
+    for (mode, hosts), (measured, links, repeats) in sorted(points.items()):
+        predicted = simulate(_scenario(best, mode, hosts, links), trace).mean_s
         rows.append(
             {
                 "mode": mode,
@@ -496,25 +498,36 @@ def calibrate(
     return Calibration(best, tuple(rows), tuple(fit_hosts))
 
 
-def measured_points(runs: Sequence[dict]) -> dict[tuple[str, int], tuple[float, float, int]]:
-    """(mode, hosts) -> (median over repeats of the mean start, link Mbit/s, repeats)."""
+def measured_points(
+    runs: Sequence[dict],
+) -> dict[tuple[str, int], tuple[float, tuple[float, float], int]]:
+    """(mode, hosts) -> (median over repeats of the mean start, (host, registry) Mbit/s,
+    repeats)."""
     grouped: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
         grouped.setdefault((run["mode"], run["hosts"]), []).append(run)
     points = {}
     for key, group in grouped.items():
         means = [float(np.mean([start["seconds"] for start in run["starts"]])) for run in group]
-        points[key] = (float(np.median(means)), group[0].get("mbps") or 10_000.0, len(group))
+        points[key] = (float(np.median(means)), _links(group[0]), len(group))
     return points
 
 
-def _scenario(base: Params, mode: str, hosts: int, mbps: float) -> Params:
-    return dataclasses.replace(base, hosts=hosts, mode=mode, host_mbps=mbps, registry_mbps=10_000.0)
+def _links(run: dict) -> tuple[float, float]:
+    """A run's (host, registry) link rates; unshaped counts as 10 Gbit/s."""
+    return run.get("mbps") or 10_000.0, run.get("registry_mbps") or 10_000.0
+
+
+def _scenario(base: Params, mode: str, hosts: int, links: tuple[float, float]) -> Params:
+    host_mbps, registry_mbps = links
+    return dataclasses.replace(
+        base, hosts=hosts, mode=mode, host_mbps=host_mbps, registry_mbps=registry_mbps
+    )
 
 
 def _error(mode: str, hosts: int, point: tuple, params: Params, trace: Trace) -> float:
-    measured, mbps, _repeats = point
-    return (simulate(_scenario(params, mode, hosts, mbps), trace).mean_s - measured) / measured
+    measured, links, _repeats = point
+    return (simulate(_scenario(params, mode, hosts, links), trace).mean_s - measured) / measured
 
 
 # The paper's numbers and set-ups -------------------------------------------------------------
