@@ -208,6 +208,20 @@ class CacheStatistics:
     crc_failures: int
     blobs: tuple[BlobStatistics, ...]
 
+    def _repr_html_(self) -> str:
+        import pandas as pd
+
+        from workbench.explore.html import card, human_bytes
+
+        fields = {
+            "present": f"{human_bytes(self.present_bytes)} of {human_bytes(self.capacity_bytes)}",
+            "hits / misses": f"{self.hits} / {self.misses}",
+            "fetched": f"{human_bytes(self.bytes_fetched)} in {self.fetches} fetches",
+            "evictions, crc failures": f"{self.evictions}, {self.crc_failures}",
+        }
+        blobs = pd.DataFrame([dataclasses.asdict(blob) for blob in self.blobs])
+        return card(f"CacheStatistics {self.directory}", fields, blobs)
+
 
 @dataclasses.dataclass(frozen=True)
 class BlobInventory:
@@ -790,6 +804,23 @@ class CachedBlob:
 
     def statistics(self) -> BlobStatistics:
         return self._state.statistics()
+
+    @property
+    def refill_size(self) -> int:
+        """Bytes per block (the last block of the blob may be shorter)."""
+        return self._state.refill
+
+    def presence(self) -> np.ndarray:
+        """One boolean per block, True where the block is present: a copy, taken now.
+
+        The table changes in the cache's trio thread; a copy read from another thread is a
+        snapshot that may miss a fill finishing at the same moment, never a torn record.
+        """
+        return self._state.records["state"] == PRESENT
+
+    def block_lengths(self) -> np.ndarray:
+        """Bytes of each block (refill size, the last one shorter)."""
+        return self._state.lengths.copy()
 
     def close(self) -> None:
         """Stop this handle's background download; the cached blocks stay."""

@@ -555,6 +555,11 @@ class SegmentIndex:
             f"{int(self.end[-1])}), {mapped} sectors mapped)"
         )
 
+    def _repr_html_(self) -> str:
+        from workbench.explore.html import card
+
+        return card(repr(self), {"units": "512-byte sectors"}, self.to_frame())
+
 
 def _u64_view(array: np.ndarray) -> memoryview:
     """`array` as a memoryview of native u64 Python ints (copied only if it is not one)."""

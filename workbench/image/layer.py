@@ -195,6 +195,11 @@ class ReadOnlyLayer:
         return self.virtual_size
 
     @property
+    def source(self) -> RandomAccessFile:
+        """The file the layer was opened from, before unwrapping (local or registry blob)."""
+        return self._owned[-1] if self._owned else self.file
+
+    @property
     def sparse(self) -> bool:
         """Whether the layer was a sparse writable layer before it was sealed."""
         return self.trailer.is_sparse
@@ -312,6 +317,19 @@ class ReadOnlyLayer:
             f"ReadOnlyLayer({self.name!r}, {len(self.index)} segments, "
             f"virtual_size={self.virtual_size}, uuid={self.uuid})"
         )
+
+    def _repr_html_(self) -> str:
+        from workbench.explore.html import card, human_bytes
+
+        fields = {
+            "wrapping": "+".join(self.wrapping) or "none (plain LSMT)",
+            "segments": len(self.index),
+            "mapped": human_bytes(int(self.index.length.sum()) << SECTOR_SHIFT),
+            "virtual size": human_bytes(self.virtual_size),
+            "uuid": self.uuid,
+            "message": self.message,
+        }
+        return card(f"ReadOnlyLayer {self.name}", fields, self.index.to_frame())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -473,6 +473,17 @@ class LayerStack:
             f"size={self.size}, {len(self.ro_index)} merged segments)"
         )
 
+    def _repr_html_(self) -> str:
+        from workbench.explore.html import card, human_bytes
+
+        fields = {
+            "layers (bottom first)": ", ".join(layer.name for layer in self.lowers) or "none",
+            "upper": "none" if self.upper is None else self.upper.name,
+            "virtual size": human_bytes(self.size),
+            "merged segments": len(self.ro_index),
+        }
+        return card(f"LayerStack {self.name}", fields, self.segments())
+
 
 def _cut(keys: list[int], mappings: list[int], first: int, stop: int) -> Iterator[Piece]:
     """Decode entries (keys and w1 words) and cut them to sectors [first, stop)."""

@@ -230,6 +230,11 @@ class CachedBlobFile(RemoteBlobFile):
         super().__init__(name, size, blob.pread, portal, **kw)
         self._blob = blob
 
+    @property
+    def blob(self) -> CachedBlob:
+        """The cached blob underneath: its `presence()` map and `statistics()`."""
+        return self._blob
+
     def pread(self, offset: int, length: int) -> bytes:
         data = self._blob.read_ready(offset, length)
         if data is not None:

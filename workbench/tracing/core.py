@@ -115,6 +115,16 @@ class Recorder:
     def __len__(self) -> int:
         return len(self.events)
 
+    def __repr__(self) -> str:
+        layers = sorted({event.layer for event in self.events})
+        return f"Recorder({len(self.events)} events, layers {', '.join(layers) or 'none'})"
+
+    def _repr_html_(self) -> str:
+        from workbench.explore.html import card
+
+        table = self.summary() if self.events else None
+        return card(f"Recorder: {len(self.events)} events", {}, table, max_rows=20)
+
     def to_dataframe(self) -> pd.DataFrame:
         """The events as a tidy table, one row per event, times relative to the recording.
 
