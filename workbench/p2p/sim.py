@@ -422,7 +422,7 @@ class Calibration:
 
     base: Params
     rows: tuple[dict, ...]
-    fit_hosts: tuple[int, ...]
+    fitted_on: tuple[tuple[str, int], ...]
 
     @property
     def max_error(self) -> float:
@@ -447,14 +447,21 @@ def calibrate(
     cpu_cores: int = 2,
     rounds: int = 3,
     base: Params | None = None,
+    fit_points: Sequence[tuple[str, int]] | None = None,
 ) -> Calibration:
-    """Fit `CALIBRATED` to the runs with `fit_hosts` hosts (coordinate search on the mean
-    relative error of the mean start), then predict every run."""
+    """Fit `CALIBRATED` to the runs with `fit_hosts` hosts, or to the (mode, hosts) points
+    `fit_points` when given (coordinate search on the mean relative error of the mean
+    start), then predict every run."""
     base = base or Params(cpu_cores=cpu_cores, shared_cpu=True, window=4)
     points = measured_points(runs)
-    fitting = {key: value for key, value in points.items() if key[1] in fit_hosts}
+    chosen = (
+        set(fit_points)
+        if fit_points is not None
+        else {key for key in points if key[1] in fit_hosts}
+    )
+    fitting = {key: value for key, value in points.items() if key in chosen}
     if not fitting:
-        raise WorkbenchError(f"no measured run has {list(fit_hosts)} hosts; fit on others")
+        raise WorkbenchError(f"no measured run matches {sorted(chosen)}; fit on others")
 
     def loss(params: Params) -> float:
         errors = [
@@ -489,13 +496,13 @@ def calibrate(
                 "mode": mode,
                 "hosts": hosts,
                 "repeats": repeats,
-                "fitted": hosts in fit_hosts,
+                "fitted": (mode, hosts) in chosen,
                 "measured_s": measured,
                 "predicted_s": predicted,
                 "error": (predicted - measured) / measured,
             }
         )
-    return Calibration(best, tuple(rows), tuple(fit_hosts))
+    return Calibration(best, tuple(rows), tuple(sorted(chosen)))
 
 
 def measured_points(
