@@ -116,3 +116,11 @@ def test_bad_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Params(fanout=0)
     assert np.isfinite(simulate(Params(hosts=1), TRACE).mean_s)
+
+
+def test_a_warm_start_reads_nothing_from_the_registry_and_beats_a_cold_one() -> None:
+    base = Params(hosts=10, containers_per_host=3, cpu_mib_s=0.05, mount_cpu_s=0.1)
+    warm = simulate(dataclasses.replace(base, mode="warm"), TRACE)
+    cold = simulate(dataclasses.replace(base, mode="p2p"), TRACE)
+    assert warm.registry_bytes == 0 and len(warm.start_s) == 30
+    assert warm.mean_s < cold.mean_s

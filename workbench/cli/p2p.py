@@ -165,7 +165,7 @@ def record(
     "modes",
     default="p2p,direct",
     show_default=True,
-    help="Comma-separated: p2p, direct, p2p-whole, tgz.",
+    help="Comma-separated: p2p, direct, p2p-whole, tgz, warm.",
 )
 @click.option("--containers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--fanout", type=click.IntRange(min=1), default=4, show_default=True)
