@@ -14,10 +14,13 @@ cd "$top"
 # the registry tests (skopeo copy and ctr image pull against the embedded registry); fuse3 and
 # libfuse3-dev serve the image as a FUSE disk file (pip builds pyfuse3 against libfuse3), and
 # util-linux's losetup attaches it as a loop device; fio drives `workbench bench device`;
-# iproute2 (ip netns, veth, tc tbf) makes the P2P tests' hosts, and curl asks their agents.
+# golang-github-containerd-containerd-dev ships containerd's .proto files, which the
+# snapshotter compiles with grpcio-tools on first use; busybox-static is the one binary inside
+# the snapshotter tests' container images; iproute2 (ip netns, veth, tc tbf) makes the P2P
+# tests' hosts, and curl asks their agents.
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
     tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux fio
-    iproute2 curl)
+    golang-github-containerd-containerd-dev busybox-static iproute2 curl)
 
 missing=()
 for package in "${apt_packages[@]}"; do

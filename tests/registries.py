@@ -30,8 +30,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,99 +198,26 @@ class ContainerdDaemon:
 
 
 @contextlib.contextmanager
-def containerd_daemon(tmp_path: Path) -> Iterator[ContainerdDaemon]:
+def containerd_daemon(
+    tmp_path: Path, proxy_snapshotters: dict[str, str] | None = None
+) -> Iterator[ContainerdDaemon]:
     """A private containerd (CRI off) with root, state, socket and opt dir under tmp_path.
+
+    `proxy_snapshotters` maps names to the unix sockets of proxy snapshotters to declare
+    (``[proxy_plugins]``; containerd dials them lazily, so they may start later).
 
     Skipped where containerd or ctr is absent or the process is not root (containerd needs
     root to mount snapshots), unless CI is set: then a missing peer fails the test. On exit the
     daemon gets SIGTERM (SIGKILL after 10 s), is reaped, and every mount it left under its
-    directory is unmounted, so nothing outlives the test.
+    directory is unmounted, so nothing outlives the test (`workbench.snapshotter.peer`).
     """
-    missing = [name for name in ("containerd", "ctr") if shutil.which(name) is None]
-    reason = None
-    if missing:
-        reason = f"{' and '.join(missing)} not installed (apt-get install containerd runc)"
-    elif os.geteuid() != 0:
-        reason = "containerd needs root to mount its snapshots"
+    from workbench.snapshotter import peer
+
+    reason = peer.missing()
     if reason is not None:
         if os.environ.get("CI"):
             raise RuntimeError(reason + "; CI must test against a real containerd")
         pytest.skip(reason)
 
-    directory = tmp_path / "containerd"
-    directory.mkdir(parents=True, exist_ok=True)
-    socket_path = _containerd_socket_path(directory)
-    config = directory / "config.toml"
-    config.write_text(
-        "version = 2\n"
-        f'root = "{directory / "root"}"\n'
-        f'state = "{directory / "state"}"\n'
-        # CRI off; snapshotters that only fail to load on these machines off too (log noise)
-        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.devmapper",'
-        ' "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",'
-        ' "io.containerd.snapshotter.v1.zfs"]\n'
-        f'[grpc]\n  address = "{socket_path}"\n'
-        f'[ttrpc]\n  address = "{socket_path}.ttrpc"\n'
-        '[debug]\n  level = "debug"\n'
-        # the opt plugin would otherwise create /opt/containerd
-        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{directory / "opt"}"\n'
-    )
-    log_path = directory / "containerd.log"
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            ["containerd", "--config", str(config)], stdout=log_file, stderr=log_file
-        )
-    daemon = ContainerdDaemon(str(socket_path), process.pid, log_path, directory)
-    try:
-        _wait_for_containerd(daemon, process)
-        yield daemon
-    finally:
-        _stop_containerd(process)
-        _unmount_under(directory)
-        shutil.rmtree(directory / "root", ignore_errors=True)  # snapshots: large, root-owned
-        if not socket_path.is_relative_to(directory):
-            shutil.rmtree(socket_path.parent, ignore_errors=True)
-
-
-def _containerd_socket_path(directory: Path) -> Path:
-    """A socket path under the 108-byte sun_path limit: in directory if it fits, else in /tmp."""
-    path = directory / "containerd.sock"
-    if len(str(path)) + len(".ttrpc") < 100:
-        return path
-    short = Path(tempfile.mkdtemp(prefix="ctr-", dir="/tmp"))
-    (directory / "socket-dir").symlink_to(short)  # so the log points at it
-    return short / "containerd.sock"
-
-
-def _wait_for_containerd(daemon: ContainerdDaemon, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        if Path(daemon.socket).exists():
-            probe = subprocess.run(
-                ["ctr", "-a", daemon.socket, "version"], capture_output=True, timeout=10
-            )
-            if probe.returncode == 0:
-                return
-        time.sleep(0.05)
-    tail = daemon.log.read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"containerd did not come up (exit {process.poll()}); log tail:\n{tail}")
-
-
-def _stop_containerd(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def _unmount_under(directory: Path) -> None:
-    """Unmounts, deepest first, whatever is still mounted under directory."""
-    inside = str(directory.resolve()) + "/"
-    with open("/proc/self/mountinfo") as mountinfo:
-        points = [line.split()[4] for line in mountinfo]
-    for point in sorted((p for p in points if p.startswith(inside)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], check=False)
+    with peer.containerd(tmp_path / "containerd", proxy_snapshotters) as daemon:
+        yield ContainerdDaemon(daemon.socket, daemon.pid, daemon.log, daemon.directory)

@@ -28,6 +28,10 @@ __all__ = [
     "ReadOnlyError",
     "RegistryError",
     "RegistryTimeoutError",
+    "SnapshotArgumentError",
+    "SnapshotExistsError",
+    "SnapshotNotFoundError",
+    "SnapshotStateError",
     "UnsupportedFormatError",
     "UnsupportedImageError",
     "WorkbenchError",
@@ -120,6 +124,38 @@ class UnsupportedImageError(ManifestError):
     A layer without OverlayBD annotations (a plain OCI image), a TurboOCI layer, an
     acceleration layer below the top, or annotations that contradict the layer descriptor.
     The message names the image, the layer (index and digest) and what to do.
+    """
+
+
+# Snapshotter errors (workbench.snapshotter). Each maps onto the gRPC status containerd turns
+# into its own error class (errdefs), so its callers can tell them apart.
+
+
+class SnapshotNotFoundError(WorkbenchError, LookupError):
+    """Raised when a snapshot key or a parent does not exist (gRPC NOT_FOUND)."""
+
+
+class SnapshotExistsError(WorkbenchError, FileExistsError):
+    """Raised when a snapshot key or commit name is taken (gRPC ALREADY_EXISTS).
+
+    Also the answer to a Prepare whose target is a remote layer the snapshotter made at
+    once (nothing to fetch or unpack), as containerd's remote snapshot protocol expects.
+    """
+
+
+class SnapshotStateError(WorkbenchError, ValueError):
+    """Raised when a snapshot is in the wrong state for a call (gRPC FAILED_PRECONDITION).
+
+    Committing a snapshot that is not active, removing one that has children, asking the
+    mounts of a committed one.
+    """
+
+
+class SnapshotArgumentError(WorkbenchError, ValueError):
+    """Raised for a request that can never succeed as given (gRPC INVALID_ARGUMENT).
+
+    A parent that is not committed, an update of a field other than labels, an unknown
+    writable mode.
     """
 
 

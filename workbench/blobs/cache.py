@@ -559,6 +559,8 @@ class BlockCache:
         self._states: dict[str, _BlobState] = {}
         self._nursery: trio.Nursery | None = None
         self._closed = False
+        self.fetch_observer: Callable[[float], None] | None = None
+        """Called with the seconds of every fetch (metrics' latency histogram), if set."""
 
         self._lock_fd = self._claim_directory()
         self._load()
@@ -750,6 +752,17 @@ class BlockCache:
         return excess <= 0
 
     # Statistics
+
+    def block_states(self, key: str) -> np.ndarray | None:
+        """One byte per block of blob `key`: 0 absent, 1 present, 2 being fetched; None if
+        the cache has no such blob. Call it in the cache's trio thread (a snapshot)."""
+        state = self._states.get(key)
+        if state is None:
+            return None
+        states = (state.records["state"] == PRESENT).astype(np.uint8)
+        for block in state.in_flight:
+            states[block] = 2
+        return states
 
     def statistics(self) -> CacheStatistics:
         blobs = tuple(state.statistics() for state in self._states.values())
@@ -1060,6 +1073,8 @@ class CachedBlob:
         counters.bytes_fetched += len(data)
         counters.fetch_seconds_total += seconds
         counters.fetch_seconds_max = max(counters.fetch_seconds_max, seconds)
+        if self.cache.fetch_observer is not None:
+            self.cache.fetch_observer(seconds)
         if recorder is not None:
             recorder.emit("cache", "fetch", self.key, offset, length, start_ns, len(data))
         log.debug("blob %s: fetched %d+%d in %.1f ms", self.key, offset, length, seconds * 1e3)

@@ -43,21 +43,27 @@ def _register() -> None:
     from workbench.cli.bench import bench
     from workbench.cli.blob import blob
     from workbench.cli.cache import cache
+    from workbench.cli.debugfs import debugfs
     from workbench.cli.demo import demo
     from workbench.cli.device import commit, mount, umount
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
     from workbench.cli.p2p import p2p
+    from workbench.cli.prefetch import prefetch
     from workbench.cli.registry import registry
     from workbench.cli.shape import shape
+    from workbench.cli.snapshotter import rpull, snapshotter
     from workbench.cli.trace import trace
     from workbench.cli.zfile import zfile
 
     images = (lsmt, zfile, inspect, export)
     devices = (mount, umount, commit)
     registries = (registry, blob, cache, shape, p2p)
-    for command in (*images, *devices, *registries, trace, bench, demo):
+    containers = (snapshotter, rpull)
+    for command in (*images, *devices, *registries, trace, bench, demo, debugfs, prefetch):
+        cli.add_command(command)
+    for command in containers:
         cli.add_command(command)
 
 

@@ -47,23 +47,88 @@ _RUN_DIR = click.option(
     default=None,
     help="Record every event of the mount; written to this Parquet file at umount.",
 )
+@click.option(
+    "--record-trace",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Record the block accesses to this trace file (OverlayBD's format), written at umount.",
+)
+@click.option(
+    "--replay-trace",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Prefetch the reads of this trace file into the cache at mount.",
+)
+@click.option(
+    "--prefetch-list",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Prefetch the data of the paths listed in this file (one absolute path a line).",
+)
+@click.option(
+    "--prefetch-trace",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="As ACI's record-trace label: record if the file is absent or empty, else replay it.",
+)
+@click.option(
+    "--prefetch-concurrency",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Prefetch reads at once.",
+)
+@click.option("--metrics", help="Serve Prometheus metrics on [HOST:]PORT (0: any free port).")
+@click.option("--hang-threshold", type=float, help="Seconds before a request counts as hung.")
 @_RUN_DIR
 def mount(
     image: str,
     mountpoint: Path,
     writable_dir: Path | None,
     trace: Path | None,
+    record_trace: Path | None,
+    replay_trace: Path | None,
+    prefetch_list: Path | None,
+    prefetch_trace: Path | None,
+    prefetch_concurrency: int,
+    metrics: str | None,
+    hang_threshold: float | None,
     run_dir: Path | None,
 ) -> None:
     """Mount the ext4 file system of IMAGE at MOUNTPOINT.
 
     IMAGE is a config.v1.json or the reference of an OverlayBD image in a registry
     (127.0.0.1:5000/library/app:v1), whose layers are then read lazily through the block
-    cache ($WORKBENCH_CACHE_DIR).
+    cache ($WORKBENCH_CACHE_DIR). An image with an acceleration layer replays its trace.
     """
-    made = mount_image(image, mountpoint, writable_dir, run_dir=run_dir, trace=trace)
+    from workbench.prefetch import PrefetchConfig
+
+    chosen = [
+        PrefetchConfig(str(path.absolute()), mode, prefetch_concurrency)
+        for path, mode in (
+            (record_trace, "record"),
+            (replay_trace, "replay"),
+            (prefetch_list, "list"),
+            (prefetch_trace, "auto"),
+        )
+        if path is not None
+    ]
+    if len(chosen) > 1:
+        raise click.UsageError(
+            "give one of --record-trace, --replay-trace, --prefetch-list, --prefetch-trace"
+        )
+    made = mount_image(
+        image,
+        mountpoint,
+        writable_dir,
+        run_dir=run_dir,
+        trace=trace,
+        prefetch=chosen[0] if chosen else None,
+        metrics=metrics,
+        hang_threshold=hang_threshold,
+    )
     mode = "read-only" if made.read_only else f"writable layer in {made.writable_dir}"
     click.echo(f"mounted {image} at {made.mountpoint} ({made.loop}, {mode}, id {made.id})")
+    if made.prefetch is not None:
+        click.echo(f"prefetch: {made.prefetch['mode']} {made.prefetch['trace']}")
+    if made.metrics_port is not None:
+        click.echo(f"metrics: http://127.0.0.1:{made.metrics_port}/metrics")
 
 
 @click.command("umount")

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -72,6 +73,7 @@ import trio
 
 from workbench.blobs.remote import WouldBlockError, call_nonblocking
 from workbench.device.handler import BlockHandler, LbaRangeError
+from workbench.device.metrics import DeviceMetrics, InFlight
 from workbench.device.mount import DISK_NAME
 from workbench.errors import ReadOnlyError, WorkbenchError
 from workbench.image.stack import LayerStack
@@ -123,6 +125,11 @@ class FuseDisk(pyfuse3.Operations):
         """Calls served in the trio task: everything they read was local or cached."""
         self.served_in_threads = 0
         """Calls served in a worker thread: fsyncs, and reads that needed the registry."""
+        self.in_flight: dict[int, InFlight] = {}
+        """Calls waiting in worker threads now (the only ones that can wait: see `_serve`)."""
+        self.metrics: DeviceMetrics | None = None
+        """Per-op counters and latency, when metrics are on (`workbench.device.metrics`)."""
+        self._tickets = itertools.count(1)
 
     # Attributes ------------------------------------------------------------------------
 
@@ -235,14 +242,47 @@ class FuseDisk(pyfuse3.Operations):
         Errors become the errno a file would give: EROFS for a read-only image, ENOSPC past
         the end of the disk, EIO (logged) for anything else the stack raises.
         """
+        if self.metrics is not None:
+            return await self._measured(op, function, args, span, direct_first)
         # Untraced, a request id serves nobody: skip opening one (a few us per request).
         if trace.recorder is None:
-            return await self._serve(op, function, args, direct_first)
+            return await self._serve(op, function, args, direct_first, span)
         with trace.request(f"fuse-{op}", DISK_NAME, *span):
-            return await self._serve(op, function, args, direct_first)
+            return await self._serve(op, function, args, direct_first, span)
+
+    async def _measured(
+        self,
+        op: str,
+        function: Callable[..., _T],
+        args: tuple[object, ...],
+        span: tuple[int, int],
+        direct_first: bool,
+    ) -> _T:
+        """`_call` with its latency, bytes and errno counted in `metrics`."""
+        metrics = self.metrics
+        assert metrics is not None
+        started = time.perf_counter()
+        try:
+            if trace.recorder is None:
+                result = await self._serve(op, function, args, direct_first, span)
+            else:
+                with trace.request(f"fuse-{op}", DISK_NAME, *span):
+                    result = await self._serve(op, function, args, direct_first, span)
+        except pyfuse3.FUSEError as exc:
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            metrics.observe(op, 0, time.perf_counter() - started, name)
+            raise
+        nbytes = len(result) if isinstance(result, bytes) else span[1]
+        metrics.observe(op, nbytes, time.perf_counter() - started)
+        return result
 
     async def _serve(
-        self, op: str, function: Callable[..., _T], args: tuple[object, ...], direct_first: bool
+        self,
+        op: str,
+        function: Callable[..., _T],
+        args: tuple[object, ...],
+        direct_first: bool,
+        span: tuple[int, int] = (0, 0),
     ) -> _T:
         try:
             if not self.threaded:
@@ -255,7 +295,14 @@ class FuseDisk(pyfuse3.Operations):
                 except WouldBlockError:
                     pass
             self.served_in_threads += 1
-            return await trio.to_thread.run_sync(function, *args, limiter=self.limiter)
+            # Only here can a call wait, so only here is it entered in the table of calls in
+            # flight (what the hang detector and the debug view look at).
+            ticket = next(self._tickets)
+            self.in_flight[ticket] = InFlight(op, span[0], span[1], time.monotonic())
+            try:
+                return await trio.to_thread.run_sync(function, *args, limiter=self.limiter)
+            finally:
+                del self.in_flight[ticket]
         except ReadOnlyError as exc:
             raise pyfuse3.FUSEError(errno.EROFS) from exc
         except LbaRangeError as exc:
@@ -318,19 +365,23 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     name: str = "workbench",
     max_in_flight: int = MAX_IN_FLIGHT,
+    services: Callable[[FuseDisk, trio.Nursery], None] | None = None,
 ) -> None:
     """Mount `handler` as ``fuse_dir/disk`` and serve it until unmounted or signalled.
 
     `on_ready` is called once the file system is mounted. SIGTERM and SIGINT unmount and
-    return. The handler's writable layer is flushed before returning; the stack is left
-    open (the caller owns it).
+    return. `services`, if given, is called with the file system and a nursery of the serving
+    loop before the mount is made, to start tasks beside it (`workbench.device.services`:
+    introspection endpoint, hang detector); they are cancelled on the way out. The handler's
+    writable layer is flushed before returning; the stack is left open (the caller owns it).
     """
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {f"fsname={name}", "subtype=workbench"}
-    pyfuse3.init(FuseDisk(handler, max_in_flight), os.fspath(fuse_dir), options)
+    disk = FuseDisk(handler, max_in_flight)
+    pyfuse3.init(disk, os.fspath(fuse_dir), options)
     try:
-        trio.run(_main_until_signalled, os.fspath(fuse_dir), on_ready)
+        trio.run(_main_until_signalled, os.fspath(fuse_dir), on_ready, disk, services)
     finally:
         pyfuse3.close(unmount=True)
         with trace.request("fuse-unmount"):
@@ -338,9 +389,16 @@ def serve(
     log.info("served %s from %s until unmounted", handler.name, fuse_dir)
 
 
-async def _main_until_signalled(fuse_dir: str, on_ready: Callable[[], None] | None) -> None:
+async def _main_until_signalled(
+    fuse_dir: str,
+    on_ready: Callable[[], None] | None,
+    disk: FuseDisk,
+    services: Callable[[FuseDisk, trio.Nursery], None] | None,
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        if services is not None:
+            services(disk, nursery)
         nursery.start_soon(_when_mounted, fuse_dir, on_ready)
         # One task reads /dev/fuse while requests are served without waiting; pyfuse3 starts
         # more only while some wait (for the registry). Four idle tasks contending for its
@@ -366,12 +424,60 @@ async def _terminate_on_signal() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m workbench.device.fuse CONFIG FUSE_DIR [--writable DIR] [--trace FILE]``.
+    """``python -m workbench.device.fuse CONFIG FUSE_DIR [options]``.
 
-    Prints ``ready`` on stdout once mounted, so that a parent can wait for it. With
-    ``--trace`` every event is recorded and written to FILE (Parquet) when the file system
-    is unmounted or the server gets SIGTERM.
+    Prints ``ready`` on stdout once mounted (``ready metrics=PORT`` with ``--metrics``), so
+    that a parent can wait for it. With ``--trace`` every event is recorded and written to
+    FILE (Parquet) when the file system is unmounted or the server gets SIGTERM. The other
+    options start the services of `workbench.device.services`.
     """
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from workbench.device.services import ServerServices
+
+    stack = open_stack(args.config, args.writable)
+    services = None
+    try:
+        handler = BlockHandler(stack, detect_zeroes=True)
+        services = ServerServices(
+            stack,
+            args.config,
+            control=args.control,
+            metrics=args.metrics,
+            hang_threshold=args.hang_threshold,
+            record_trace=args.record_trace,
+            replay_trace=args.replay_trace,
+            concurrency=args.prefetch_concurrency,
+        )
+
+        def ready() -> None:
+            port = services.metrics_port
+            print("ready" if port is None else f"ready metrics={port}", flush=True)
+
+        def run() -> None:
+            serve(handler, args.fuse_dir, ready, args.name, args.threads, services.start)
+
+        if args.trace is None:
+            run()
+        else:
+            with recording() as recorder:
+                try:
+                    run()
+                finally:
+                    recorder.to_parquet(args.trace)
+    finally:
+        if services is not None:
+            services.close()
+        stack.close()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from workbench.device.metrics import DEFAULT_HANG_THRESHOLD
+
     parser = argparse.ArgumentParser(prog="python -m workbench.device.fuse")
     parser.add_argument("config", help="config.v1.json of the image")
     parser.add_argument("fuse_dir", help="empty folder to mount the FUSE file system on")
@@ -384,29 +490,20 @@ def main(argv: list[str] | None = None) -> int:
         default=MAX_IN_FLIGHT,
         help=f"handler calls in flight (worker threads; default {MAX_IN_FLIGHT}); 0: none",
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    parser.add_argument("--control", help="unix socket of the introspection endpoint")
+    parser.add_argument("--metrics", help="serve Prometheus metrics on [HOST:]PORT")
+    parser.add_argument(
+        "--hang-threshold",
+        type=float,
+        default=DEFAULT_HANG_THRESHOLD,
+        help=f"seconds in flight after which a request counts as hung ({DEFAULT_HANG_THRESHOLD})",
     )
-
-    stack = open_stack(args.config, args.writable)
-    try:
-        handler = BlockHandler(stack, detect_zeroes=True)
-
-        def ready() -> None:
-            print("ready", flush=True)
-
-        if args.trace is None:
-            serve(handler, args.fuse_dir, ready, args.name, args.threads)
-        else:
-            with recording() as recorder:
-                try:
-                    serve(handler, args.fuse_dir, ready, args.name, args.threads)
-                finally:
-                    recorder.to_parquet(args.trace)
-    finally:
-        stack.close()
-    return 0
+    parser.add_argument("--record-trace", help="record the lowers' reads to this trace file")
+    parser.add_argument("--replay-trace", help="prefetch the reads of this trace file")
+    parser.add_argument(
+        "--prefetch-concurrency", type=int, default=16, help="reads in flight during prefetch"
+    )
+    return parser
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ State lives under `run_dir` (``$WORKBENCH_RUN_DIR``, default ``/run/workbench``)
 
     RUN_DIR/mounts/ID.json   {"id", "mountpoint", "fuse_dir", "loop", "pid", "read_only", ...}
     RUN_DIR/mounts/ID.log    the server's log
+    RUN_DIR/mounts/ID.sock   the server's introspection endpoint (`workbench.device.introspect`)
     RUN_DIR/fuse/ID/         the FUSE mount, holding ``disk``
 
 `unmount` tears a mount down in the reverse order (ext4, loop, FUSE, server) and removes its
@@ -38,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,8 +47,12 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.prefetch import PrefetchConfig
 
 __all__ = [
     "DISK_NAME",
@@ -70,6 +76,9 @@ STOP_TIMEOUT = 10.0
 """Seconds to wait for the server to exit after its FUSE mount is gone, before SIGKILL."""
 
 SERVER_MODULE = "workbench.device.fuse"
+
+SOCKET_PATH_MAX = 100
+"""Longest control socket path used (sun_path holds 108 bytes with its NUL)."""
 
 DISK_NAME = "disk"
 """The FUSE file system's one file. Defined here, not in the server module, so that mounting
@@ -97,6 +106,16 @@ class Mount:
     owner: int = 0
     """The process running `mount_image`; while it lives, an unfinished mount is not stale."""
     complete: bool = False
+    control: str = ""
+    """The server's introspection socket (`workbench.device.introspect`)."""
+    metrics: str | None = None
+    """The ``[HOST:]PORT`` metrics were asked on; `metrics_port` is the port bound."""
+    metrics_port: int | None = None
+    hang_threshold: float | None = None
+    prefetch: dict[str, object] | None = None
+    """The `PrefetchConfig` in force (mode resolved), as a dict."""
+    cache_dir: str | None = None
+    """The server's block cache folder (``$WORKBENCH_CACHE_DIR`` of the child); None: default."""
 
     @property
     def disk(self) -> str:
@@ -128,6 +147,10 @@ def mount_image(
     read_only: bool | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     trace: str | os.PathLike[str] | None = None,
+    prefetch: PrefetchConfig | None = None,
+    metrics: str | None = None,
+    hang_threshold: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Mount:
     """Mount the ext4 file system of image `image` at `mountpoint`.
 
@@ -139,8 +162,17 @@ def mount_image(
     none) and ext4 is mounted read-write; without it the image is read-only unless its
     config has an upper. `read_only` overrides the guess for a config with an upper. With
     `trace` the server records every event and writes them to that Parquet file when it
-    stops (`workbench.device.fuse.main`).
-    Raises `MountError` (everything made so far is torn down again) if a step fails.
+    stops (`workbench.device.fuse.main`). `cache_dir` gives the server its own block cache
+    folder (a cache folder serves one process at a time, so concurrent mounts of remote
+    images each need one); by default it uses `default_cache_dir()`.
+    `prefetch` records or replays a trace, or prefetches a priority list
+    (`workbench.prefetch.PrefetchConfig`; its ``auto`` mode is decided here, from the file).
+    `metrics` serves Prometheus metrics on ``[HOST:]PORT`` (port 0: any free one, see
+    ``Mount.metrics_port``); `hang_threshold` is the age in seconds at which a request in
+    flight counts as hung (default 30).
+    Raises `MountError` (everything made so far is torn down again) if a step fails; when
+    ext4 cannot be mounted, the message ends with the server's last log lines, which name
+    the read that failed (blob, range, HTTP status or checksum).
     """
     run = Path(run_dir) if run_dir is not None else default_run_dir()
     cleanup_stale(run)
@@ -167,6 +199,11 @@ def mount_image(
         run_dir=str(run),
         trace=os.path.abspath(trace) if trace is not None else None,
         owner=os.getpid(),
+        control=_control_path(run, mount_id),
+        metrics=metrics,
+        hang_threshold=hang_threshold,
+        prefetch=asdict(prefetch.resolved()) if prefetch is not None else None,
+        cache_dir=os.path.abspath(cache_dir) if cache_dir is not None else None,
     )
     mount.save()
     try:
@@ -174,9 +211,15 @@ def mount_image(
         mount.save()
         mount.loop = _attach_loop(mount.disk, read_only)
         mount.save()
-        _mount_ext4(mount.loop, mount.mountpoint, read_only)
+        try:
+            _mount_ext4(mount.loop, mount.mountpoint, read_only)
+        except MountError as exc:
+            log_path = Path(mount.run_dir) / "mounts" / f"{mount.id}.log"
+            raise MountError(f"{exc}; the FUSE server's log: {_tail(log_path)}") from exc
         mount.complete = True
         mount.save()
+        if mount.prefetch is not None and mount.prefetch["mode"] == "list":
+            _prefetch_list(mount)
     except BaseException:
         _teardown(mount)
         raise
@@ -222,14 +265,50 @@ def _config_has_upper(config: str) -> bool:
     return not ImageConfig.load(config).upper.is_empty
 
 
-def _start_server(mount: Mount) -> int:
+def _control_path(run: Path, mount_id: str) -> str:
+    """``RUN/mounts/ID.sock``, or ``/tmp/workbench-ID.sock`` where that path is too long for a
+    unix socket address (108 bytes; deep test folders)."""
+    path = os.path.abspath(run / "mounts" / f"{mount_id}.sock")
+    return path if len(path.encode()) < SOCKET_PATH_MAX else f"/tmp/workbench-{mount_id}.sock"
+
+
+def _prefetch_list(mount: Mount) -> None:
+    """Resolve the mount's priority list to disk ranges and hand them to its server."""
+    from workbench.device.introspect import query
+    from workbench.prefetch.filelist import read_list, resolve_extents
+
+    assert mount.prefetch is not None
+    paths = read_list(str(mount.prefetch["trace"]))
+    ranges = resolve_extents(mount.mountpoint, paths)
+    query(mount.control, "prefetch-ranges", ranges=ranges)
+    log.info("prefetching %d ranges of %d listed paths", len(ranges), len(paths))
+
+
+def _server_command(mount: Mount) -> list[str]:
     command = [sys.executable, "-m", SERVER_MODULE, mount.config, mount.fuse_dir]
-    command += ["--name", f"workbench-{mount.id}"]
+    command += ["--name", f"workbench-{mount.id}", "--control", mount.control]
     if mount.writable_dir is not None:
         command += ["--writable", mount.writable_dir]
     if mount.trace is not None:
         command += ["--trace", mount.trace]
+    if mount.metrics is not None:
+        command += ["--metrics", mount.metrics]
+    if mount.hang_threshold is not None:
+        command += ["--hang-threshold", str(mount.hang_threshold)]
+    prefetch = mount.prefetch
+    if prefetch is not None and prefetch["mode"] in ("record", "replay"):
+        command += [f"--{prefetch['mode']}-trace", str(prefetch["trace"])]
+    if prefetch is not None:
+        command += ["--prefetch-concurrency", str(prefetch["concurrency"])]
+    return command
+
+
+def _start_server(mount: Mount) -> int:
+    command = _server_command(mount)
     log_path = Path(mount.run_dir) / "mounts" / f"{mount.id}.log"
+    environment = None
+    if mount.cache_dir is not None:
+        environment = {**os.environ, "WORKBENCH_CACHE_DIR": mount.cache_dir}
     with open(log_path, "ab") as log_file:
         server = subprocess.Popen(
             command,
@@ -237,6 +316,7 @@ def _start_server(mount: Mount) -> int:
             stderr=log_file,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=environment,
         )
     mount.pid = server.pid
     mount.save()
@@ -244,13 +324,17 @@ def _start_server(mount: Mount) -> int:
     assert server.stdout is not None
     line = _read_line(server, READY_TIMEOUT)
     server.stdout.close()
-    if line.strip() != b"ready":
+    words = line.split()
+    if not words or words[0] != b"ready":
         server.kill()
         server.wait()
         raise MountError(
             f"the FUSE server for {mount.config} did not start (exit {server.returncode}); "
             f"its log: {_tail(log_path)}"
         )
+    for word in words[1:]:
+        if word.startswith(b"metrics="):
+            mount.metrics_port = int(word.split(b"=", 1)[1])
     # The child outlives this Popen object: teardown finds it again by pid.
     server.returncode = 0
     return server.pid
@@ -265,10 +349,19 @@ def _read_line(process: subprocess.Popen[bytes], timeout: float) -> bytes:
 
 
 def _tail(path: Path, lines: int = 5) -> str:
+    """What the server's log says last: the error line that ends a traceback if there is one
+    (``module.SomeError: message``, which names the failed read), else the last lines."""
     try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+        logged = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    for line in reversed(logged):
+        if _ERROR_LINE.match(line):
+            return line
+    return " | ".join(logged[-lines:])
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\w*: ")
 
 
 def _attach_loop(disk: str, read_only: bool) -> str:
@@ -385,6 +478,8 @@ def _teardown(mount: Mount) -> None:
         resolved.unlink(missing_ok=True)
     for path in (mount.state_path, mount.state_path.with_suffix(".log")):
         path.unlink(missing_ok=True)
+    if mount.control:
+        Path(mount.control).unlink(missing_ok=True)
     try:
         os.rmdir(mount.fuse_dir)
     except OSError:

@@ -96,6 +96,7 @@ Caveats:
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -195,6 +196,10 @@ CRC_SIZE: Final = 4
 
 READ_ATTEMPTS: Final = 3
 """Reads of a range whose block fails before the error is raised (evicting it in between)."""
+
+FAILURES: collections.Counter[str] = collections.Counter()
+"""Bad blocks met by every reader of this process, by kind (``crc``, ``decompress``); counted
+on the error path only, for metrics (`workbench.device.metrics`)."""
 
 _REMEDY: Final = "the file is corrupt, fetch or copy it again"
 
@@ -572,6 +577,15 @@ class ZFileReader:
     def size(self) -> int:
         return self._size
 
+    def stored_range(self, offset: int, length: int) -> tuple[int, int]:
+        """(offset, length) of the compressed bytes in `source` that hold decompressed
+        [offset, offset + length): what a prefetcher reads to warm a cache below."""
+        end = min(offset + length, self._size)
+        if length <= 0 or offset >= end or offset < 0:
+            return (0, 0)
+        first, last = offset // self.block_size, (end - 1) // self.block_size
+        return self._starts[first], self._starts[last + 1] - self._starts[first]
+
     def block_offsets(self) -> np.ndarray:
         """Start of every block in the compressed file, plus the end of the last (n + 1 u64)."""
         return self.jump_table.copy()
@@ -796,6 +810,7 @@ class ZFileReader:
         return dctx
 
     def _crc_error(self, block: int, at: int, payload: memoryview, stored: int) -> ChecksumError:
+        FAILURES["crc"] += 1
         actual = crc32c_raw(payload, SEED_BLOCK)
         error = ChecksumError(
             f"{self.name}: ZFile block {block} at offset {at}: CRC mismatch: stored "
@@ -806,6 +821,7 @@ class ZFileReader:
         return error
 
     def _block_error(self, block: int, at: int, rule: str) -> CorruptFileError:
+        FAILURES["decompress"] += 1
         error = CorruptFileError(
             f"{self.name}: ZFile block {block} at offset {at} ({self.algorithm}) {rule}; " + _REMEDY
         )

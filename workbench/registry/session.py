@@ -36,7 +36,12 @@ from workbench.registry.reference import ImageReference
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegistrySession", "default_session", "reference_from_blob_url"]
+__all__ = [
+    "RegistrySession",
+    "current_default_session",
+    "default_session",
+    "reference_from_blob_url",
+]
 
 
 def reference_from_blob_url(url: str) -> tuple[ImageReference, bool]:
@@ -255,3 +260,9 @@ def default_session() -> RegistrySession:
             atexit.register(_default.close)
             log.info("registry session started, block cache in %s", _default._cache_dir)
         return _default
+
+
+def current_default_session() -> RegistrySession | None:
+    """The process-wide session if something has started it, else None (never starts one):
+    for observers (metrics, the debug view) that must not open a cache of their own."""
+    return _default
