@@ -16,8 +16,9 @@ cd "$top"
 # util-linux's losetup attaches it as a loop device; fio drives `workbench bench device`;
 # golang-github-containerd-containerd-dev ships containerd's .proto files, which the
 # snapshotter compiles with grpcio-tools on first use; busybox-static is the one binary inside
-# the snapshotter tests' container images; iproute2 (ip netns, veth, tc tbf) makes the P2P
-# tests' hosts, and curl asks their agents.
+# the snapshotter tests' container images and the shell of the experiments' stand-in images
+# (workbench.experiments.standin); iproute2 (ip netns, veth, tc tbf) makes the P2P tests'
+# hosts, and curl asks their agents.
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
     tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux fio
     golang-github-containerd-containerd-dev busybox-static iproute2 curl)

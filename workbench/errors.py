@@ -16,7 +16,9 @@ __all__ = [
     "BlobNotFoundError",
     "ChecksumError",
     "CorruptFileError",
+    "DefinitionError",
     "DigestMismatchError",
+    "ExperimentError",
     "FormatError",
     "ImageConfigError",
     "ImageReferenceError",
@@ -157,6 +159,17 @@ class SnapshotArgumentError(WorkbenchError, ValueError):
     A parent that is not committed, an update of a field other than labels, an unknown
     writable mode.
     """
+
+
+# Experiment errors (workbench.experiments).
+
+
+class DefinitionError(WorkbenchError, ValueError):
+    """Raised when an experiment definition is unreadable or names something unknown."""
+
+
+class ExperimentError(WorkbenchError, RuntimeError):
+    """Raised when a trial of an experiment cannot run or its workload does not get ready."""
 
 
 class PeerError(WorkbenchError, OSError):

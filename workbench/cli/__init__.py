@@ -46,6 +46,7 @@ def _register() -> None:
     from workbench.cli.debugfs import debugfs
     from workbench.cli.demo import demo
     from workbench.cli.device import commit, mount, umount
+    from workbench.cli.experiment import experiment
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
@@ -61,9 +62,8 @@ def _register() -> None:
     devices = (mount, umount, commit)
     registries = (registry, blob, cache, shape, p2p)
     containers = (snapshotter, rpull)
-    for command in (*images, *devices, *registries, trace, bench, demo, debugfs, prefetch):
-        cli.add_command(command)
-    for command in containers:
+    tools = (trace, bench, demo, debugfs, prefetch, experiment)
+    for command in (*images, *devices, *registries, *containers, *tools):
         cli.add_command(command)
 
 

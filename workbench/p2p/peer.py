@@ -51,7 +51,14 @@ import httpx
 from workbench.errors import BlobNotFoundError, ManifestNotFoundError, PeerError, RegistryError
 from workbench.registry.client import RetryPolicy
 from workbench.registry.reference import ImageReference
-from workbench.registry.server import ApiError, _Handler, _Server, check_digest, check_name
+from workbench.registry.server import (
+    ApiError,
+    _Counters,
+    _Handler,
+    _Server,
+    check_digest,
+    check_name,
+)
 from workbench.registry.session import RegistrySession
 
 __all__ = ["DEFAULT_FANOUT", "Peer", "Topology"]
@@ -150,7 +157,7 @@ class Topology:
 
 
 @dataclasses.dataclass
-class _Counters:
+class _PeerCounters:
     requests: int = 0
     bytes_served: int = 0
     upstream_fetches: int = 0
@@ -213,7 +220,8 @@ class Peer:
             retry=None if role == "root" else PEER_RETRY,
         )
         self.topology: Topology | None = None
-        self.counters = _Counters()
+        self.counters = _PeerCounters()
+        self._http_counters = _Counters()  # the HTTP plumbing's own (requests answered)
         self._blobs: dict[str, Any] = {}
         self._parents: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -241,7 +249,8 @@ class Peer:
                 "reach this peer at"
             )
         self.session.start()
-        handler = type("PeerHandler", (_PeerHandler,), {"peer": self})
+        attributes = {"peer": self, "counters": self._http_counters}
+        handler = type("PeerHandler", (_PeerHandler,), attributes)
         try:
             self._server = _Server((host or "0.0.0.0", int(port)), handler)
         except OSError as exc:

@@ -393,11 +393,39 @@ class _Body:
             pass
 
 
+@dataclass(frozen=True)
+class ServerStatistics:
+    """Requests answered since the registry started: all, blob GETs, and blob bytes sent."""
+
+    requests: int
+    blob_gets: int
+    blob_bytes: int
+
+
+class _Counters:
+    """Thread-safe counters of one registry (one handler thread per connection)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = self.blob_gets = self.blob_bytes = 0
+
+    def add(self, requests: int = 0, blob_gets: int = 0, blob_bytes: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.blob_gets += blob_gets
+            self.blob_bytes += blob_bytes
+
+    def snapshot(self) -> ServerStatistics:
+        with self._lock:
+            return ServerStatistics(self.requests, self.blob_gets, self.blob_bytes)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "workbench-registry"
     timeout = IDLE_TIMEOUT_S
     storage: RegistryStorage  # set on the subclass EmbeddedRegistry makes
+    counters: _Counters  # likewise
     served: BlobReads  # likewise
 
     # -- plumbing
@@ -431,6 +459,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        self.counters.add(requests=1)
         self.body = _Body(self)
         url = urlsplit(self.path)
         path, self.query = unquote(url.path), parse_qs(url.query)
@@ -522,6 +551,7 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["Content-Range"] = f"bytes {first}-{last}/{size}"
             self._respond(status, headers=headers)
             if self.command == "GET" and last >= first:
+                self.counters.add(blob_gets=1, blob_bytes=last - first + 1)
                 self._send_file(stream, first, last - first + 1)
                 self.served.record(digest, first, last + 1)
 
@@ -696,6 +726,7 @@ class EmbeddedRegistry:
         self.port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._counters = _Counters()
 
     @property
     def url(self) -> str:
@@ -705,7 +736,8 @@ class EmbeddedRegistry:
         return f"http://{host}:{self.port}"
 
     def start(self) -> EmbeddedRegistry:
-        handler = type("Handler", (_Handler,), {"storage": self.storage, "served": self.served})
+        attributes = {"storage": self.storage, "counters": self._counters, "served": self.served}
+        handler = type("Handler", (_Handler,), attributes)
         server_class = _Server6 if ":" in self.host else _Server
         self._server = server_class((self.host, self.port), handler)
         self.port = self._server.server_address[1]
@@ -725,6 +757,10 @@ class EmbeddedRegistry:
             self._thread.join()
         log.info("embedded registry at port %d stopped", self.port)
         self._server = self._thread = None
+
+    def statistics(self) -> ServerStatistics:
+        """Requests, blob GETs and blob bytes sent since this object was made."""
+        return self._counters.snapshot()
 
     def __enter__(self) -> EmbeddedRegistry:
         return self.start()
