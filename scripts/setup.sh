@@ -20,10 +20,11 @@ cd "$top"
 # (workbench.experiments.standin), and the content of the tiny dataset image (busybox).
 # The evaluation images (workbench dataset): debootstrap makes the Debian base layer,
 # iproute2's `ip` brings up lo in a workload's own network namespace (util-linux's unshare
-# and coreutils' chroot do the rest).
+# and coreutils' chroot do the rest); iproute2 (ip netns, veth, tc tbf) also makes the P2P
+# tests' hosts, and curl asks their agents.
 apt_packages=(python3 python3-venv python3-dev gcc pkg-config liblz4-dev libzstd-dev e2fsprogs
     tar gzip docker-registry skopeo umoci containerd runc fuse3 libfuse3-dev util-linux fio
-    golang-github-containerd-containerd-dev busybox-static debootstrap iproute2 coreutils)
+    golang-github-containerd-containerd-dev busybox-static debootstrap iproute2 coreutils curl)
 
 missing=()
 for package in "${apt_packages[@]}"; do

@@ -27,6 +27,7 @@ __all__ = [
     "LayerStackError",
     "ManifestError",
     "ManifestNotFoundError",
+    "PeerError",
     "ProbeError",
     "ProbeTimeoutError",
     "RangeError",
@@ -201,3 +202,7 @@ class ProbeError(WorkbenchError, RuntimeError):
 
 class ProbeTimeoutError(ProbeError, TimeoutError):
     """Raised when a workload is not ready by the deadline; carries the last evidence seen."""
+
+
+class PeerError(WorkbenchError, OSError):
+    """Raised when a P2P peer cannot start, or an agent finds no parent that answers."""

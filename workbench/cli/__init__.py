@@ -52,6 +52,7 @@ def _register() -> None:
     from workbench.cli.image import export
     from workbench.cli.inspect import inspect
     from workbench.cli.lsmt import lsmt
+    from workbench.cli.p2p import p2p
     from workbench.cli.prefetch import prefetch
     from workbench.cli.registry import registry
     from workbench.cli.shape import shape
@@ -61,7 +62,7 @@ def _register() -> None:
 
     images = (lsmt, zfile, inspect, export)
     devices = (mount, umount, commit)
-    registries = (registry, blob, cache, shape)
+    registries = (registry, blob, cache, shape, p2p)
     containers = (snapshotter, rpull)
     tools = (convert, verify, dataset, trace, bench, demo, debugfs, prefetch, experiment)
     for command in (*images, *devices, *registries, *containers, *tools):

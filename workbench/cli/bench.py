@@ -268,3 +268,57 @@ def convert_bench(
     if json_path:
         with open(json_path, "w") as out:
             json.dump(figures, out, indent=2)
+
+
+@bench.command("p2p")
+@click.option(
+    "--quick", is_flag=True, help="A smoke run: 3 hosts, a 12 MiB image (under a minute)."
+)
+@click.option("--hosts", default=None, help="Host counts, comma-separated (default 1,2,3,4,5).")
+@click.option("--mbps", type=float, default=None, help="Rate of every host's link (default 400).")
+@click.option("--registry-mbps", type=float, default=None, help="Registry egress (default 100).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="Folder for the image and the hosts' state (default: a temporary folder).",
+)
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Runs per point (1).")
+@click.option("--runs", "runs_path", type=click.Path(dir_okay=False), help="Write the raw runs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def p2p(
+    quick: bool,
+    hosts: str | None,
+    mbps: float | None,
+    registry_mbps: float | None,
+    workdir: str | None,
+    repeats: int | None,
+    runs_path: str | None,
+    json_path: str | None,
+) -> None:
+    """N hosts (network namespaces) start one image at once: P2P vs each from the registry.
+
+    Prints registry bytes and mean/slowest start time for both, and the ratios P2P / direct
+    measured in the same run (needs root, iproute2, FUSE). Target: registry bytes about 1/N.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from workbench.bench.p2p import P2PBenchmark, bench_p2p
+
+    settings = P2PBenchmark.quick() if quick else P2PBenchmark()
+    if hosts is not None:
+        settings.hosts = tuple(int(count) for count in hosts.split(","))
+    if mbps is not None:
+        settings.mbps = mbps or None
+    if registry_mbps is not None:
+        settings.registry_mbps = registry_mbps or None
+    if repeats is not None:
+        settings.repeats = repeats
+    with tempfile.TemporaryDirectory(prefix="wb-bench-p2p-", dir=workdir) as scratch:
+        tables, runs = bench_p2p(settings, Path(scratch), out=sys.stdout)
+    if runs_path:
+        with open(runs_path, "w") as out:
+            json.dump(runs, out, indent=1)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump([table.to_dict() for table in tables], out, indent=2)

@@ -426,6 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT_S
     storage: RegistryStorage  # set on the subclass EmbeddedRegistry makes
     counters: _Counters  # likewise
+    served: BlobReads  # likewise
 
     # -- plumbing
 
@@ -552,6 +553,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "GET" and last >= first:
                 self.counters.add(blob_gets=1, blob_bytes=last - first + 1)
                 self._send_file(stream, first, last - first + 1)
+                self.served.record(digest, first, last + 1)
 
     def _range(self, size: int) -> tuple[int, int]:
         """(first, last) byte of the answer: one range from the Range header, or the whole blob."""
@@ -683,6 +685,29 @@ def _declared_media_type(body: bytes) -> str | None:
     return media_type if isinstance(media_type, str) else None
 
 
+class BlobReads:
+    """What the registry served: one (digest, start, end) per blob GET, end exclusive.
+
+    Tests and benchmarks count registry bytes with it (`total`, `by_digest`); thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reads: list[tuple[str, int, int]] = []
+
+    def record(self, digest: str, start: int, end: int) -> None:
+        with self._lock:
+            self.reads.append((digest, start, end))
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(end - start for _digest, start, end in self.reads)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.reads.clear()
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections must not hold up stop()
 
@@ -696,6 +721,7 @@ class EmbeddedRegistry:
 
     def __init__(self, root_dir: Path | str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.storage = RegistryStorage(Path(root_dir))
+        self.served = BlobReads()
         self.host = host
         self.port = port
         self._server: _Server | None = None
@@ -710,7 +736,7 @@ class EmbeddedRegistry:
         return f"http://{host}:{self.port}"
 
     def start(self) -> EmbeddedRegistry:
-        attributes = {"storage": self.storage, "counters": self._counters}
+        attributes = {"storage": self.storage, "counters": self._counters, "served": self.served}
         handler = type("Handler", (_Handler,), attributes)
         server_class = _Server6 if ":" in self.host else _Server
         self._server = server_class((self.host, self.port), handler)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from workbench.blobs.cache import BlockCache, CachedBlob, default_cache_dir
+from workbench.blobs.cache import BlockCache, CachedBlob, Fetch, default_cache_dir
 from workbench.blobs.remote import RemoteBlobFile, TrioPortal
 from workbench.errors import ImageReferenceError
 from workbench.registry.auth import Credentials
@@ -174,19 +174,27 @@ class RegistrySession:
     # Blobs
 
     def open_blob(
-        self, reference: ImageReference | str, digest: str, size: int | None = None
+        self,
+        reference: ImageReference | str,
+        digest: str,
+        size: int | None = None,
+        *,
+        fetch: Fetch | None = None,
     ) -> RemoteBlobFile:
         """A random-access file of blob `digest` in `reference`'s repository.
 
         `reference` is an `ImageReference`, an image reference text, or a blob URL
         (``http(s)://host/v2/repo/blobs``). The size is asked of the registry unless given.
+        `fetch` (an async ``fetch(offset, length)`` run on the session's loop) replaces the
+        registry read as the source of missing blocks, e.g. a P2P parent (`workbench.p2p`).
         """
         self.start()
         reference = self._reference(reference)
         if size is None or size <= 0:
             size = self._portal.run(self.client.blob_size, reference, digest)
 
-        fetch = functools.partial(self.client.read_blob, reference, digest)
+        if fetch is None:
+            fetch = functools.partial(self.client.read_blob, reference, digest)
         name = f"{reference.registry}/{reference.repository}@{digest}"
         if self.cache is None:
             return RemoteBlobFile(name, size, fetch, self._portal)
