@@ -4,13 +4,14 @@ The busybox image (built offline in well under a second) runs through `tgz-overl
 `lazy` on every run: pushed, converted to OverlayBD, pulled, launched in the runner's
 unshare + chroot and ready through its own HTTP probe, polled inside its network namespace.
 The Debian-based images only with the opt-in ``WORKBENCH_SLOW_DATASETS=1`` (minutes each
-with a cold dataset cache; set ``WORKBENCH_DATASETS_DIR`` to a warm one).
+with a cold dataset cache, the default one or ``WORKBENCH_DATASETS_DIR``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,8 +29,19 @@ from workbench.experiments.workloads import _wait_probe, dataset_workload
 DEBIAN = ["debian", "nginx", "redis", "postgres", "python-numpy-pandas", "wordpress"]
 
 
+def need_ip() -> None:
+    """`ip` brings up lo in the http workloads' network namespace."""
+    if shutil.which("ip") is not None:
+        return
+    if os.environ.get("CI"):
+        raise RuntimeError("ip (iproute2) is missing; CI installs it through setup.sh")
+    pytest.skip("ip (iproute2) is missing; run scripts/setup.sh")
+
+
 @pytest.fixture
 def dataset_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The datasets' cache under tmp_path, unless WORKBENCH_DATASETS_DIR names a warm one."""
+    need_ip()
     if not os.environ.get("WORKBENCH_DATASETS_DIR"):
         monkeypatch.setenv("WORKBENCH_DATASETS_DIR", str(tmp_path / "datasets"))
 
@@ -97,6 +109,7 @@ def test_busybox_dataset_sizes_come_from_the_conversion(
 )
 @pytest.mark.parametrize("name", DEBIAN)
 def test_debian_dataset_starts_on_both_systems(scratch: Path, name: str) -> None:  # noqa: F811
+    need_ip()
     definition = tiny(workloads=[name], repetitions=1, timeout_s=300)
 
     run_experiment(definition, scratch / "out", progress=False)
