@@ -14,7 +14,9 @@ A trial starts one container of one workload on one system and times two phases:
 
 The container start is the workbench's own, without runc (`LAUNCHER`): ``unshare --mount
 --uts --ipc --pid --fork --kill-child --mount-proc=ROOT/proc``, ``/dev`` bind-mounted, then
-``chroot ROOT CMD`` (runtime-notes §6). Results name the launcher.
+``chroot ROOT CMD`` (runtime-notes §6). Results name the launcher. A workload with
+`private_net` (the datasets' HTTP workloads) also gets ``--net``, with ``lo`` brought up by the
+host's ``ip`` before the chroot; its probe connects from inside that namespace.
 
 The disk preset is applied with cgroup v1 blkio throttling (`DiskThrottle`): a cgroup of ours
 with ``throttle.read/write_{iops,bps}_device`` on the disk holding the work folder; tar, the
