@@ -70,6 +70,11 @@ LAUNCHER: Final = "unshare+chroot"
 
 BLKIO_ROOT: Final = Path("/sys/fs/cgroup/blkio")
 
+TGZ_BLOB_TIMEOUT_S: Final = 1800.0
+"""How long one whole-layer GET of the .tgz pull may take (the registry client's default,
+30 s an attempt, cuts off a 130 MB layer at the cross-region preset's 25 Mbit/s: 42 s);
+Docker puts no limit on a layer download either."""
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -207,13 +212,15 @@ def disk_of(path: Path) -> str:
 
 def pull_tgz(setup: TrialSetup, layers_dir: Path) -> dict[str, Any]:
     """Fetch and unpack every layer of `setup.oci_ref` into ``layers_dir/N``; bottom first."""
+    from workbench.registry.client import RetryPolicy
     from workbench.registry.reference import ImageReference
     from workbench.registry.session import RegistrySession
 
     ref = ImageReference.parse(setup.oci_ref)
     layers_dir.mkdir(parents=True)
     fetched = 0
-    with RegistrySession(use_cache=False) as session:
+    retry = RetryPolicy(timeout_s=TGZ_BLOB_TIMEOUT_S, deadline_s=2 * TGZ_BLOB_TIMEOUT_S)
+    with RegistrySession(use_cache=False, retry=retry) as session:
         manifest = session.run(session.client.resolve, ref)
         for number, layer in enumerate(manifest.layers):
             data = session.run(session.client.fetch_blob, ref, layer.digest)
