@@ -188,6 +188,10 @@ def test_a_read_only_mount_shows_every_file_of_the_tree(
     assert list_mounts(run_dir) == []
 
 
+def loop_readahead_kb(loop: str) -> int:
+    return int(Path(f"/sys/block/{os.path.basename(loop)}/queue/read_ahead_kb").read_text())
+
+
 def test_writes_survive_unmount_and_remount_and_fsck_is_clean(
     image: tuple[Path, Path], tmp_path: Path, run_dir: Path
 ) -> None:
@@ -345,6 +349,7 @@ def test_an_image_mounted_from_a_registry_is_read_lazily(
     target, cache = tmp_path / "mnt", tmp_path / "cache"
     target.mkdir()
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(cache))  # the FUSE server inherits it
+    monkeypatch.setattr("workbench.device.mount.LAZY_READAHEAD_KB", 96)  # not a kernel default
     blob_size = (config.parent / "layer.tar").stat().st_size
 
     with start_registry(registry, tmp_path) as url:
@@ -355,6 +360,8 @@ def test_an_image_mounted_from_a_registry_is_read_lazily(
         )
         assert made.exit_code == 0, made.output
         try:
+            [mount] = list_mounts(run_dir)
+            assert loop_readahead_kb(mount.loop) == 96  # set for a lazily read image
             one = "d3/sub/f3.bin"
             assert (target / one).read_bytes() == (source / one).read_bytes()
             fetched = sum(path.stat().st_blocks * 512 for path in cache.glob("*.data"))

@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from workbench.errors import WorkbenchError
 
@@ -131,6 +131,17 @@ class Mount:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2))
         os.replace(tmp, self.state_path)
+
+
+LAZY_READAHEAD_KB: Final = 128
+"""Readahead of the loop device of an image read lazily from a registry (KiB).
+
+The kernel gives a loop device on the FUSE disk 2,560 KiB, and every miss of it becomes a
+registry fetch. Measured on the converted WordPress image (a start-like run of php, apache2
+and mariadbd): 116 MB fetched at 2,560 KiB, 62 MB at 128 KiB, against 51 MB read by the same
+run from the raw ext4 on a plain loop device at 128 KiB (104 MB at 2,560 KiB). 128 KiB is
+also what a SCSI disk, OverlayBD's TCMU device, gets by default. Local images keep the
+kernel's default, which tree walks over local data prefer."""
 
 
 def default_run_dir() -> Path:
@@ -220,6 +231,8 @@ def mount_image(
         mount.save()
         mount.loop = _attach_loop(mount.disk, read_only)
         mount.save()
+        if _config_has_remote_lowers(config):
+            _set_loop_readahead(mount.loop, LAZY_READAHEAD_KB)
         if mkfs is not None:
             env = {**os.environ, **(mkfs_env or {})}
             _run(["mkfs.ext4", "-q", "-F", *mkfs, mount.loop], "make ext4", env)
@@ -275,6 +288,21 @@ def _config_has_upper(config: str) -> bool:
     from workbench.formats.config import ImageConfig
 
     return not ImageConfig.load(config).upper.is_empty
+
+
+def _config_has_remote_lowers(config: str) -> bool:
+    from workbench.formats.config import ImageConfig
+
+    return any(lower.digest and not lower.file for lower in ImageConfig.load(config).lowers)
+
+
+def _set_loop_readahead(loop: str, kb: int) -> None:
+    """Set the loop device's readahead; a failure costs bytes, not correctness (logged)."""
+    knob = Path("/sys/block") / os.path.basename(loop) / "queue" / "read_ahead_kb"
+    try:
+        knob.write_text(str(kb))
+    except OSError as exc:
+        log.warning("could not set the readahead of %s to %d KiB: %s", loop, kb, exc)
 
 
 def _control_path(run: Path, mount_id: str) -> str:
