@@ -96,7 +96,7 @@ class Running:
             return result
 
         # The probe does not read the output: keep its tail for the error message.
-        tail = _Tail()
+        tail = OutputTail()
         drain(self.process.stdout, tail)
         try:
             return probe.wait(None, deadline, netns=self.netns, process=self.process)
@@ -121,7 +121,7 @@ class Running:
         self.stop()
 
 
-class _Tail:
+class OutputTail:
     """A write-only sink that keeps the last few KiB written to it."""
 
     def __init__(self, limit: int = 2048) -> None:

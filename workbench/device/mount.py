@@ -63,6 +63,7 @@ __all__ = [
     "default_run_dir",
     "find_mount",
     "list_mounts",
+    "looks_like_reference",
     "mount_image",
     "unmount",
     "unmount_all",
@@ -261,7 +262,7 @@ def _config_of(image: str | os.PathLike[str], resolved: Path) -> str:
     from workbench.registry.image import write_image_config
 
     text = os.fspath(image)
-    if text.endswith(".json") or not _looks_like_reference(text):
+    if text.endswith(".json") or not looks_like_reference(text):
         raise MountError(
             f"{text}: no such config.v1.json file; IMAGE is a config.v1.json path or a "
             "registry reference host[:port]/name[:tag]"
@@ -277,9 +278,12 @@ def _config_of(image: str | os.PathLike[str], resolved: Path) -> str:
     return str(resolved)
 
 
-def _looks_like_reference(text: str) -> bool:
-    # A reference names a registry host first (with a dot or a port, or localhost); a
-    # relative path such as images/app/config.v1.json does not.
+def looks_like_reference(text: str) -> bool:
+    """Whether `text` reads as a registry reference rather than a file path.
+
+    A reference names a registry host first (with a dot or a port, or localhost); a relative
+    path such as images/app/config.v1.json does not.
+    """
     host = text.split("/", 1)[0]
     return "." in host or ":" in host or host == "localhost"
 

@@ -29,7 +29,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from workbench.datasets.chroot import _Tail as OutputTail  # the datasets launcher's sink
+from workbench.datasets.chroot import OutputTail
 from workbench.datasets.probes import drain
 from workbench.errors import ExperimentError, ProbeError, WorkbenchError
 from workbench.experiments import standin

@@ -144,10 +144,10 @@ def _is_config(path: str | os.PathLike[str]) -> bool:
 def _open_reference(
     text: str, upper: object, session: RegistrySession | None
 ) -> tuple[LayerStack, None, str]:
-    from workbench.device.mount import _looks_like_reference
+    from workbench.device.mount import looks_like_reference
     from workbench.registry.image import resolve_image
 
-    if text.endswith(".json") or not _looks_like_reference(text):
+    if text.endswith(".json") or not looks_like_reference(text):
         raise ImageConfigError(
             f"{text}: no such file, and not a registry reference; pass a config.v1.json, layer "
             "files, or host[:port]/name[:tag]"
