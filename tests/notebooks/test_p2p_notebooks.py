@@ -9,11 +9,10 @@ each notebook must save its PNG.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
+from notebook_kernel import install_kernel
 
 FOLDER = Path(__file__).parents[2] / "notebooks"
 NOTEBOOKS = {
@@ -27,17 +26,9 @@ KERNEL = "workbench-p2p-tests"
 
 @pytest.fixture
 def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    spec = tmp_path / "jupyter" / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(
-        json.dumps({"argv": argv, "display_name": "workbench (tests)", "language": "python"})
-    )
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+    install_kernel(tmp_path, monkeypatch, KERNEL)
     monkeypatch.setenv("WORKBENCH_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path / "figures"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     return tmp_path
 
 

@@ -8,12 +8,11 @@ its PNGs under tmp_path; the test checks that every cell ran and that the figure
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from notebook_kernel import install_kernel
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -37,17 +36,6 @@ def test_every_study_has_a_notebook_and_a_sample_and_is_kept_without_outputs() -
         assert not kept, f"{study}.ipynb is stored with outputs in cells {kept}; clear them"
 
 
-def _kernel_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = tmp_path / "jupyter" / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(
-        json.dumps({"argv": argv, "display_name": "workbench (study tests)", "language": "python"})
-    )
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("study", _study_notebooks())
 def test_study_notebook_runs_on_its_sample(
@@ -55,8 +43,7 @@ def test_study_notebook_runs_on_its_sample(
 ) -> None:
     monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("WORKBENCH_RESULTS", str(TOP / "experiments" / "samples" / study))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    _kernel_spec(tmp_path, monkeypatch)
+    install_kernel(tmp_path, monkeypatch, KERNEL)
     path = TOP / "notebooks" / f"{study}.ipynb"
     notebook = nbformat.read(path, as_version=4)
 

@@ -9,12 +9,11 @@ mounts the image, so it needs root: skipped otherwise, except under CI, which ru
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from notebook_kernel import install_kernel
 
 NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks" / "teach").glob("*.ipynb"))
 KERNEL = "workbench-teach"
@@ -41,17 +40,9 @@ def test_the_series_is_there_without_outputs() -> None:
 @pytest.fixture
 def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A kernel spec for this interpreter, and the environment the notebooks read."""
-    spec = tmp_path / "jupyter" / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(
-        json.dumps({"argv": argv, "display_name": "workbench (tests)", "language": "python"})
-    )
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+    install_kernel(tmp_path, monkeypatch, KERNEL)
     monkeypatch.setenv("WORKBENCH_NOTEBOOK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("WORKBENCH_RUN_DIR", str(tmp_path / "run"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     return tmp_path
 
 
