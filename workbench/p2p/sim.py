@@ -449,7 +449,7 @@ def calibrate(
     runs: Sequence[dict],
     trace: Trace,
     *,
-    fit_hosts: Sequence[int] = (1, 2),
+    fit_hosts: Sequence[int] = (1, 2, 3),
     cpu_cores: int = 2,
     rounds: int = 3,
     base: Params | None = None,
