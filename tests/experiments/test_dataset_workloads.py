@@ -69,7 +69,10 @@ def test_an_exit_probe_that_sees_another_code_says_why() -> None:
 
 
 @pytest.mark.slow
-def test_busybox_dataset_starts_on_both_systems(scratch: Path, dataset_cache: None) -> None:  # noqa: F811
+def test_busybox_dataset_starts_on_both_systems(
+    scratch: Path,  # noqa: F811 (the fixture imported from test_runner)
+    dataset_cache: None,
+) -> None:
     definition = tiny(workloads=["busybox"], repetitions=1)
 
     run_experiment(definition, scratch / "out", progress=False)

@@ -113,7 +113,8 @@ def _open_stack(
 ) -> tuple[LayerStack, Path | None, str | None]:
     if isinstance(source, str | os.PathLike) and _is_config(source):
         mode = upper if isinstance(upper, str) else "readonly"
-        return open_image(source, upper=mode, session=session), Path(source), None  # type: ignore[arg-type]
+        stack = open_image(source, upper=mode, session=session)  # type: ignore[arg-type]
+        return stack, Path(source), None
 
     if isinstance(source, str | os.PathLike) and not os.path.exists(source):
         return _open_reference(os.fspath(source), upper, session)
