@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from typing import Protocol, runtime_checkable
 
-__all__ = ["BytesFile", "LocalFile", "RandomAccessFile", "read_exact"]
+__all__ = ["BytesFile", "FileWrapper", "LocalFile", "RandomAccessFile", "read_exact"]
 
 
 @runtime_checkable
@@ -93,6 +93,32 @@ class LocalFile:
 
     def __repr__(self) -> str:
         return f"LocalFile({self.name!r}, size={self._size})"
+
+
+class FileWrapper:
+    """A layer over another random-access file that forwards everything to it.
+
+    Subclasses override `pread` to look at the reads (tracing, recording). The optional
+    `evict` capability of the inner file is kept, so that wrapping a cached blob does not turn
+    off healing above it.
+    """
+
+    def __init__(self, inner: RandomAccessFile) -> None:
+        self.inner = inner
+        self.name = inner.name
+        evict = getattr(inner, "evict", None)
+        if evict is not None:
+            self.evict = evict
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.inner.pread(offset, length)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class BytesFile:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workbench.blobs.common import FileWrapper
 from workbench.prefetch.tracefile import TraceFile, TraceRecord
 
 __all__ = [
@@ -61,30 +62,19 @@ MAX_PREFETCH_READ = 1 << 20
 LOCK_POLL_SECONDS = 0.5
 
 
-class _RecordingFile:
+class _RecordingFile(FileWrapper):
     """A layer file whose successful reads are appended to `records`."""
 
     def __init__(self, inner: Any, layer_index: int, records: list[tuple[int, int, int]]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.layer_index = layer_index
         self.records = records
-        self.name = inner.name
-        evict = getattr(inner, "evict", None)
-        if evict is not None:
-            self.evict = evict
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
 
     def pread(self, offset: int, length: int) -> bytes:
         data = self.inner.pread(offset, length)
         if data:
             self.records.append((self.layer_index, offset, len(data)))
         return data
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class TraceRecording:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
-from workbench.blobs.common import RandomAccessFile
+from workbench.blobs.common import FileWrapper, RandomAccessFile
 from workbench.tracing import core
 
 __all__ = ["TracedFile"]
 
 
-class TracedFile:
+class TracedFile(FileWrapper):
     """Forward reads to `inner` and emit one `read` event per call, under `layer`.
 
     For layers that do not trace themselves (a plain local file, a test double), or to see
@@ -18,18 +18,8 @@ class TracedFile:
     """
 
     def __init__(self, inner: RandomAccessFile, layer: str = "blob") -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.layer = layer
-        self.name = inner.name
-        # Keep the optional eviction capability of the inner file (see blobs.common), so that
-        # tracing a cached blob does not turn off healing above it.
-        evict = getattr(inner, "evict", None)
-        if evict is not None:
-            self.evict = evict
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
 
     def pread(self, offset: int, length: int) -> bytes:
         recorder = core.recorder
@@ -40,6 +30,3 @@ class TracedFile:
         data = self.inner.pread(offset, length)
         recorder.emit(self.layer, "read", self.name, offset, length, start_ns, len(data))
         return data
-
-    def close(self) -> None:
-        self.inner.close()
